@@ -1,0 +1,1 @@
+"""Activation-aware weight quantization (AWQ) with INT and BitMoD weights."""

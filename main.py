@@ -1,0 +1,26 @@
+"""wkvaq entry point: flags -> RunConfig -> run -> results/<model>/<config-slug>.json."""
+
+from __future__ import annotations
+
+import sys
+
+from wkvaq_quant.cli import parse_config
+from wkvaq_quant.data import DataUnavailableError
+from wkvaq_quant.eval.ppl import NonFiniteLossError
+from wkvaq_quant.models import UnknownModelError
+from wkvaq_quant.run import format_table, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(argv)
+    try:
+        record = run(cfg)
+    except (ValueError, DataUnavailableError, NonFiniteLossError, UnknownModelError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random-weight Llama/Mistral checkpoints with a small BPE tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_TEXT = (
+    "The quick brown fox jumps over the lazy dog.\n\n= Heading =\nAnarchism is a political philosophy. "
+    "Numbers 1234567890, punctuation (a, b; c) and  double  spaces.\n"
+) * 20
+
+
+def _train_tokenizer(vocab_size: int = 320):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator([TINY_TEXT], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def make_tiny_checkpoint(path: Path, arch: str = "llama", seed: int = 0) -> Path:
+    """Save a tiny random model (GQA: 4 query heads, 2 KV heads) and tokenizer to `path`."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    tok = _train_tokenizer()
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif arch == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
+    else:
+        raise ValueError(arch)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-mistral"), "mistral")
+
+
+@pytest.fixture(scope="session")
+def _session_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("wkvaq-cache")
+
+
+@pytest.fixture
+def isolated_cache(_session_cache, monkeypatch) -> Path:
+    """Point $WKVAQ_CACHE at a per-session directory (token caches of tiny tokenizers)."""
+    monkeypatch.setenv("WKVAQ_CACHE", str(_session_cache))
+    return _session_cache

@@ -1,0 +1,87 @@
+"""Command-line flags -> RunConfig. argparse lives here and nowhere else."""
+
+from __future__ import annotations
+
+import argparse
+
+from .data import CALIB_DATASETS, EVAL_DATASETS
+from .models import DTYPES, EMBEDDED_MODEL
+from .run import ATTN_IMPLEMENTATIONS, DEVICES, RunConfig
+
+__all__ = ["build_parser", "parse_config", "add_calib_args"]
+
+
+def _positive_int(flag: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{flag} must be positive, got {value}")
+        return value
+
+    return parse
+
+
+def add_calib_args(parser: argparse.ArgumentParser) -> None:
+    """Calibration-data flags shared by the weight algorithms (AWQ, GPTQ)."""
+    g = parser.add_argument_group("calibration data")
+    g.add_argument("--calib_dataset", default="wiki_sample", choices=CALIB_DATASETS,
+                   help="corpus whose calibration split (disjoint from evaluation) is sampled")
+    g.add_argument("--n_calib", type=_positive_int("--n_calib"), default=128, help="number of calibration windows")
+    g.add_argument("--calib_seq_len", type=_positive_int("--calib_seq_len"), default=512,
+                   help="tokens per calibration window")
+    g.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="main.py",
+        description="Fake-quantize a Llama/Mistral model and measure perplexity.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=EMBEDDED_MODEL,
+                   help="registry short name (see wkvaq_quant/models.py), local checkpoint directory, or hub id")
+    g.add_argument("--device", default="cpu", choices=DEVICES)
+    g.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    g.add_argument("--attn_implementation", default="sdpa", choices=ATTN_IMPLEMENTATIONS)
+    g.add_argument("--trust_remote_code", action="store_true", help="allow custom modeling code from the hub")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--datasets", default="wiki_sample",
+                   help=f"comma-separated list of {', '.join(EVAL_DATASETS)}")
+    g.add_argument("--seq_len", type=int, default=2048, help="tokens per evaluation window")
+    g.add_argument("--n_windows", type=int, default=None, help="evaluate only the first N windows")
+    g.add_argument("--batch_size", type=int, default=1, help="windows per forward pass")
+    g.add_argument("--data_dir", default=None,
+                   help="local copies of wikitext2/c4 in their original formats (or $WKVAQ_DATA_DIR)")
+    g = p.add_argument_group("results")
+    g.add_argument("--results_dir", default="results", help="results/<model>/<config-slug>.json")
+    g.add_argument("--overwrite", action="store_true", help="recompute even if a result exists")
+    g.add_argument("--no_progress", action="store_true", help="no progress bars")
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> RunConfig:
+    """Parse flags into a validated RunConfig; bad values exit with the flag's name."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return RunConfig(
+            model=args.model,
+            datasets=[d.strip() for d in args.datasets.split(",") if d.strip()],
+            seq_len=args.seq_len,
+            n_windows=args.n_windows,
+            batch_size=args.batch_size,
+            device=args.device,
+            dtype=args.dtype,
+            attn_implementation=args.attn_implementation,
+            data_dir=args.data_dir,
+            results_dir=args.results_dir,
+            overwrite=args.overwrite,
+            trust_remote_code=args.trust_remote_code,
+            progress=not args.no_progress,
+        )
+    except ValueError as err:
+        parser.error(str(err))

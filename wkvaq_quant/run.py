@@ -1,0 +1,174 @@
+"""One evaluation run: validate the configuration, prepare data, load the model, measure, store."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from .data import EVAL_DATASETS, check_datasets, get_eval_windows
+from .eval.ppl import evaluate_perplexity
+from .models import DTYPES, load_model, load_tokenizer, resolve_model
+from .results import atomic_write_json, environment_versions, now_iso, read_result, result_path
+
+__all__ = ["RunConfig", "run", "ATTN_IMPLEMENTATIONS", "DEVICES"]
+
+DEVICES = ("cpu", "cuda")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+# fields that change the numbers; a result is keyed by these (plus the model)
+_NUMERIC_FIELDS = ("dtype", "seq_len", "n_windows", "attn_implementation")
+
+
+@dataclass
+class RunConfig:
+    """Everything `main.py` needs; validated on construction, before any loading."""
+
+    model: str
+    datasets: list[str] = field(default_factory=lambda: ["wiki_sample"])
+    seq_len: int = 2048
+    n_windows: int | None = None
+    batch_size: int = 1
+    device: str = "cpu"
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    data_dir: str | None = None
+    results_dir: str = "results"
+    overwrite: bool = False
+    trust_remote_code: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.datasets, str):
+            self.datasets = [d for d in self.datasets.split(",") if d]
+        unknown = [d for d in self.datasets if d not in EVAL_DATASETS]
+        if not self.datasets or unknown:
+            raise ValueError(f"--datasets: unknown or missing dataset(s) {unknown or self.datasets}; "
+                             f"allowed values: {', '.join(EVAL_DATASETS)}")
+        if self.seq_len <= 0:
+            raise ValueError(f"--seq_len must be a positive number of tokens, got {self.seq_len}")
+        if self.seq_len < 2:
+            raise ValueError(f"--seq_len must be at least 2 (one token predicts the next), got {self.seq_len}")
+        if self.n_windows is not None and self.n_windows <= 0:
+            raise ValueError(f"--n_windows must be positive (or omitted for all windows), got {self.n_windows}")
+        if self.batch_size <= 0:
+            raise ValueError(f"--batch_size must be positive, got {self.batch_size}")
+        if self.device not in DEVICES:
+            raise ValueError(f"--device {self.device!r}: allowed values are {', '.join(DEVICES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}: allowed values are {', '.join(DTYPES)}")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"--attn_implementation {self.attn_implementation!r}: allowed values are "
+                             f"{', '.join(ATTN_IMPLEMENTATIONS)}")
+
+    def slug(self) -> str:
+        """Result file name: readable settings plus a hash of every non-default numeric setting."""
+        defaults = {f.name: f.default for f in fields(self)}
+        numeric = {k: getattr(self, k) for k in _NUMERIC_FIELDS if getattr(self, k) != defaults[k]}
+        parts = ["fp", self.dtype, f"seq{self.seq_len}"]
+        if self.n_windows is not None:
+            parts.append(f"nw{self.n_windows}")
+        if self.attn_implementation != defaults["attn_implementation"]:
+            parts.append(self.attn_implementation)
+        digest = hashlib.sha256(json.dumps(numeric, sort_keys=True).encode()).hexdigest()[:8]
+        return "-".join(parts) + f"-{digest}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here (use --device cpu)")
+
+
+def run(cfg: RunConfig, log=print) -> dict:
+    """Evaluate `cfg`; returns the result record (also written to the results store).
+
+    Order matters: names, devices and data are checked, and the evaluation windows built,
+    before the model is loaded, so bad input fails in seconds.
+    """
+    started = time.perf_counter()
+    source = resolve_model(cfg.model)
+    _check_device(cfg.device)
+    text_sources = check_datasets(cfg.datasets, cfg.data_dir)
+    path = result_path(cfg.results_dir, source.name, cfg.slug())
+    record = None if cfg.overwrite else read_result(path)
+    done = set(record["results"]) if record else set()
+    todo = [d for d in cfg.datasets if d not in done]
+    for d in cfg.datasets:
+        if d in done:
+            log(f"[wkvaq] {d}: reusing {path} (pass --overwrite to recompute)")
+    if source.note:
+        log(f"[wkvaq] note: {source.note}")
+    if not todo:
+        return record
+
+    tokenizer = load_tokenizer(source, cfg.trust_remote_code)
+    windows: dict[str, torch.Tensor] = {}
+    available: dict[str, int] = {}
+    for name in todo:
+        all_windows = get_eval_windows(text_sources[name], tokenizer, cfg.seq_len, source.add_special_tokens)
+        available[name] = all_windows.shape[0]
+        if available[name] == 0:
+            raise ValueError(f"--seq_len {cfg.seq_len}: {name} has fewer than {cfg.seq_len} tokens, so no window")
+        if cfg.n_windows is not None and cfg.n_windows > available[name]:
+            raise ValueError(f"--n_windows {cfg.n_windows} is larger than the {available[name]} windows "
+                             f"{name} has at --seq_len {cfg.seq_len}")
+        windows[name] = all_windows[: cfg.n_windows] if cfg.n_windows else all_windows
+
+    model, load_s = load_model(source, cfg.dtype, cfg.device, cfg.attn_implementation, cfg.trust_remote_code)
+    log(f"[wkvaq] loaded {source.path} ({source.kind}) in {load_s:.1f}s on {cfg.device} as {cfg.dtype}")
+
+    record = record or {
+        "model": {"name": source.name, "kind": source.kind, "path": source.path,
+                  "add_special_tokens": source.add_special_tokens, "note": source.note},
+        "config": cfg.to_dict(),
+        "slug": cfg.slug(),
+        "results": {},
+        "created": now_iso(),
+    }
+    for name in todo:
+        res = evaluate_perplexity(model, windows[name], cfg.batch_size, desc=name, progress=cfg.progress)
+        record["results"][name] = {**res.to_dict(), "available_windows": available[name],
+                                   "source": text_sources[name].describe()}
+        record.update(updated=now_iso(), model_load_s=load_s, versions=environment_versions(),
+                      device=_device_name(cfg.device), peak_rss_mb=_peak_rss_mb())
+        atomic_write_json(path, record)  # after every dataset: finished work is never lost
+        log(f"[wkvaq] {name}: ppl {res.ppl:.4f} over {res.windows} windows x {res.seq_len} tokens "
+            f"({res.tokens_per_second:.0f} tok/s)")
+    record["total_s"] = time.perf_counter() - started
+    atomic_write_json(path, record)
+    log(f"[wkvaq] wrote {path}")
+    return record
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def format_table(record: dict) -> str:
+    """A small Markdown table of a record's perplexities."""
+    rows = ["| dataset | windows | seq_len | ppl |", "|---|---:|---:|---:|"]
+    for name, r in record["results"].items():
+        rows.append(f"| {name} | {r['windows']} | {r['seq_len']} | {r['ppl']:.4f} |")
+    return "\n".join(rows)
+
+
+def result_file(cfg: RunConfig) -> Path:
+    return result_path(cfg.results_dir, resolve_model(cfg.model).name, cfg.slug())
