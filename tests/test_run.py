@@ -115,3 +115,18 @@ def test_run_config_validates_on_construction():
         RunConfig(model="m", dtype="float64")
     with pytest.raises(ValueError, match="--seq_len"):
         RunConfig(model="m", seq_len=1)
+
+
+def test_calibration_flags_shared_by_weight_algorithms(capsys):
+    import argparse
+
+    from wkvaq_quant.cli import add_calib_args
+
+    p = argparse.ArgumentParser()
+    add_calib_args(p)
+    a = p.parse_args([])
+    assert (a.calib_dataset, a.n_calib, a.calib_seq_len, a.seed) == ("wiki_sample", 128, 512, 0)
+    for bad in (["--n_calib", "0"], ["--calib_seq_len", "-1"], ["--calib_dataset", "pile"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(bad)
+        assert bad[0] in capsys.readouterr().err
