@@ -1,0 +1,74 @@
+"""Scaled minifloat formats: FP8 E4M3 (OCP "fn": max 448, no inf) and FP4 E2M1 (max 6).
+
+Per group s = amax / fmax, y = clamp(x / s, -fmax, fmax), x_hat = RNE(y) * s, where RNE
+rounds to the format's grid (subnormals included) with ties to even. FP8 equals the round
+trip y.to(torch.float8_e4m3fn).float(); the clamp is the format's saturation and only acts
+when the scale was changed after it was chosen (double quantization).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from wkvaq_quant.formats.minifloat import round_rne_
+from wkvaq_quant.formats.registry import NumberFormat, QParams, register_format
+from wkvaq_quant.formats.scale import floor_scale_
+
+if TYPE_CHECKING:
+    from wkvaq_quant.config import QuantArgs
+
+__all__ = ["FP4_E2M1_VALUES", "Fp4E2M1Format", "Fp8E4M3Format", "group_amax", "round_fp4_e2m1_", "round_fp8_e4m3_"]
+
+FP8_E4M3_MAX = 448.0
+FP4_E2M1_MAX = 6.0
+FP4_E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+"""Non-negative FP4 E2M1 values (the format also has their negatives)."""
+
+
+def group_amax(g: Tensor) -> Tensor:
+    """max |g| over the last dim, keepdim (two reductions, no |g| temporary)."""
+    return torch.maximum(g.amax(dim=-1, keepdim=True), g.amin(dim=-1, keepdim=True).neg_())
+
+
+def round_fp8_e4m3_(y: Tensor) -> Tensor:
+    """In place: saturate to +-448 and round to E4M3 (3 mantissa bits, emin -6), ties to even."""
+    return round_rne_(y.clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX), man_bits=3, emin=-6)
+
+
+def round_fp4_e2m1_(y: Tensor) -> Tensor:
+    """In place: saturate to +-6 and round to E2M1 (1 mantissa bit, emin 0), ties to even."""
+    return round_rne_(y.clamp_(-FP4_E2M1_MAX, FP4_E2M1_MAX), man_bits=1, emin=0)
+
+
+class _ScaledFloat(NumberFormat):
+    fmax: float = 1.0
+
+    def choose_qparams(self, g: Tensor, args: QuantArgs) -> QParams:
+        return QParams(scale=floor_scale_(group_amax(g).div_(self.fmax)))
+
+    def _round_(self, y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def apply(self, g: Tensor, qp: QParams, args: QuantArgs, out: Tensor) -> None:
+        self._round_(torch.div(g, qp.scale, out=out)).mul_(qp.scale)
+
+
+@register_format("fp8_e4m3")
+class Fp8E4M3Format(_ScaledFloat):
+    bits = (8,)
+    fmax = FP8_E4M3_MAX
+
+    def _round_(self, y: Tensor) -> Tensor:
+        return round_fp8_e4m3_(y)
+
+
+@register_format("fp4_e2m1")
+class Fp4E2M1Format(_ScaledFloat):
+    bits = (4,)
+    fmax = FP4_E2M1_MAX
+
+    def _round_(self, y: Tensor) -> Tensor:
+        return round_fp4_e2m1_(y)
