@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from wkvaq_quant import data
+from wkvaq_quant import data, hub
 from wkvaq_quant.data import (
     DataUnavailableError,
     TextSource,
@@ -148,7 +148,7 @@ def test_c4_local_sampling_follows_gptq_protocol(tmp_path, isolated_cache, tok):
 
 
 def test_offline_hub_dataset_fails_at_once(monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.delenv("WKVAQ_DATA_DIR", raising=False)

@@ -4,7 +4,7 @@ import pytest
 
 import main as main_module
 from wkvaq_quant import run as run_module
-from wkvaq_quant import data
+from wkvaq_quant import data, hub
 from wkvaq_quant.cli import parse_config
 from wkvaq_quant.run import RunConfig, run
 
@@ -60,7 +60,7 @@ def test_n_windows_larger_than_available_fails_before_loading(tmp_path, tiny_lla
 
 
 def test_offline_hub_dataset_fails_before_loading(tmp_path, tiny_llama, monkeypatch, capsys, no_model_load):
-    monkeypatch.setattr(data, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "WKVAQ_DATA_DIR"):
         monkeypatch.delenv(var, raising=False)
     assert main_module.main(_args(tiny_llama, tmp_path, "--datasets", "wiki_sample,wikitext2")) == 2
@@ -130,3 +130,14 @@ def test_calibration_flags_shared_by_weight_algorithms(capsys):
         with pytest.raises(SystemExit):
             p.parse_args(bad)
         assert bad[0] in capsys.readouterr().err
+
+
+def test_offline_hub_model_fails_at_once(tmp_path, monkeypatch, capsys, no_model_load):
+    import time
+
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
+    start = time.perf_counter()
+    assert main_module.main(_args("llama-2-7b", tmp_path)) == 2
+    assert time.perf_counter() - start < 5
+    err = capsys.readouterr().err
+    assert "--model 'llama-2-7b' (meta-llama/Llama-2-7b-hf): the Hugging Face hub is not reachable" in err

@@ -16,12 +16,13 @@ import json
 import os
 import random
 import re
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from . import hub
 
 __all__ = [
     "EVAL_DATASETS",
@@ -108,18 +109,6 @@ _HUB_ARGS: dict[tuple[str, str], dict] = {
 }
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _gensim_wiki_path() -> Path:
     import importlib.util
 
@@ -146,8 +135,8 @@ def resolve_text_source(dataset: str, split: str, data_dir: str | None = None) -
             path = Path(data_dir).expanduser() / rel
             if path.is_file():
                 return TextSource(dataset, split, "local", str(path))
-    offline = _env_flag("HF_HUB_OFFLINE") or _env_flag("HF_DATASETS_OFFLINE")
-    if offline or not _hub_reachable():
+    offline = hub.offline_requested()
+    if offline or not hub.hub_reachable():
         looked = f" (looked in --data_dir {data_dir} for {', '.join(_LOCAL_CANDIDATES[(dataset, split)])})" \
             if data_dir else ""
         if offline:

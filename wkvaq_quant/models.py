@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import shutil
@@ -12,6 +13,8 @@ from typing import Any
 
 import torch
 
+from . import hub
+
 __all__ = [
     "MODEL_REGISTRY",
     "EMBEDDED_MODEL",
@@ -19,6 +22,7 @@ __all__ = [
     "ModelSource",
     "UnknownModelError",
     "resolve_model",
+    "check_model_available",
     "cache_dir",
     "ensure_embedded_model",
     "load_tokenizer",
@@ -94,6 +98,7 @@ class ModelSource:
     path: str  # hub id or local directory (for "embedded": the cache directory)
     add_special_tokens: bool
     note: str = ""
+    local_files_only: bool = False  # hub model taken from the local HF cache (hub unreachable)
 
 
 def cache_dir() -> Path:
@@ -127,6 +132,30 @@ def resolve_model(model: str) -> ModelSource:
     raise UnknownModelError(
         f"--model {model!r} is not a registered short name, an existing directory, or a hub id "
         f"of the form owner/name. Registered names: {', '.join(sorted(MODEL_REGISTRY))}"
+    )
+
+
+def check_model_available(source: ModelSource) -> ModelSource:
+    """Fail at once when a hub model can be neither downloaded nor found in the HF cache.
+
+    When the hub is unreachable but the checkpoint is cached, the returned source loads
+    with `local_files_only=True` (no network retries).
+    """
+    if source.kind == "embedded":
+        _embedded_gguf()
+        return source
+    if source.kind != "hub":
+        return source
+    if hub.hub_reachable():
+        return source
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(source.path, "config.json"), str):
+        return dataclasses.replace(source, local_files_only=True)
+    raise UnknownModelError(
+        f"--model {source.name!r} ({source.path}): the Hugging Face hub is not reachable and the model "
+        f"is not in the local Hugging Face cache. Download it where there is network and pass its "
+        f"directory to --model, or use the embedded model: --model {EMBEDDED_MODEL}"
     )
 
 
@@ -203,7 +232,8 @@ def _pretrained_path(source: ModelSource) -> str:
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(_pretrained_path(source), trust_remote_code=trust_remote_code)
+    return AutoTokenizer.from_pretrained(_pretrained_path(source), trust_remote_code=trust_remote_code,
+                                         local_files_only=source.local_files_only)
 
 
 def load_model(
@@ -224,6 +254,7 @@ def load_model(
         dtype=DTYPES[dtype],
         attn_implementation=attn_implementation,
         trust_remote_code=trust_remote_code,
+        local_files_only=source.local_files_only,
     )
     model.to(device).eval()
     return model, time.perf_counter() - start

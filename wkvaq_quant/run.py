@@ -12,7 +12,7 @@ import torch
 
 from .data import EVAL_DATASETS, check_datasets, get_eval_windows
 from .eval.ppl import evaluate_perplexity
-from .models import DTYPES, load_model, load_tokenizer, resolve_model
+from .models import DTYPES, check_model_available, load_model, load_tokenizer, resolve_model
 from .results import atomic_write_json, environment_versions, now_iso, read_result, result_path
 
 __all__ = ["RunConfig", "run", "ATTN_IMPLEMENTATIONS", "DEVICES"]
@@ -92,7 +92,7 @@ def run(cfg: RunConfig, log=print) -> dict:
     before the model is loaded, so bad input fails in seconds.
     """
     started = time.perf_counter()
-    source = resolve_model(cfg.model)
+    source = check_model_available(resolve_model(cfg.model))
     _check_device(cfg.device)
     text_sources = check_datasets(cfg.datasets, cfg.data_dir)
     path = result_path(cfg.results_dir, source.name, cfg.slug())
