@@ -29,8 +29,8 @@ from wkvaq_quant.formats import QParams, double_quantize_scales, get_format
 
 __all__ = ["CHUNK_ELEMS", "QuantResult", "fake_quantize", "quantize"]
 
-CHUNK_ELEMS = 1 << 18
-"""Target elements per row chunk on CPU (1 MiB of fp32; a chunk holds at least one row)."""
+CHUNK_ELEMS = 1 << 20
+"""Target elements per row chunk on CPU (4 MiB of fp32; a chunk holds at least one row)."""
 
 
 @dataclass

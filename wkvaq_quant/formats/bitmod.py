@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from wkvaq_quant.formats.floating import group_amax
-from wkvaq_quant.formats.minifloat import round_ties_down_
+from wkvaq_quant.formats.minifloat import pow2_floor, round_ties_down_
 from wkvaq_quant.formats.registry import NumberFormat, QParams, register_format
 from wkvaq_quant.formats.scale import floor_scale_
 
@@ -96,7 +96,11 @@ class BitModFormat(NumberFormat):
         for fam in (cands[0:2], cands[2:4]):  # the two candidates of a family share a scale
             s = floor_scale_(amax / fam[0].fmax)
             y = torch.div(g, s)
-            qb = _round_base_(y.clone(), base)
+            # Base rounding for the search: ties do not change the SSE, so use the cheaper
+            # ties-to-even (y + C) - C; apply() rounds ties toward the lower value.
+            c_rne = pow2_floor(y).clamp_min_(2.0**base.emin).mul_(1.5 * 2.0 ** (23 - base.man_bits))
+            qb = torch.add(y, c_rne).sub_(c_rne).clamp_(-base.vmax, base.vmax)
+            del c_rne
             for c in fam:
                 take = torch.logical_and(y > c.lo, y <= c.hi)
                 q = torch.where(take, c.extra, qb)
