@@ -18,6 +18,9 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results_md import write_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Foundation (bench/foundation.py)"
 
@@ -83,21 +86,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        _write_section(ROOT / "bench" / "RESULTS.md", text)
-
-
-def _write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section (up to the next '## ') or append it."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    start = old.find(SECTION)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + section
-    else:
-        end = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + section + ("" if end < 0 else old[end + 1:])
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
+        write_section(SECTION, text)
 
 
 if __name__ == "__main__":
