@@ -16,7 +16,7 @@ def write_section(title: str, section: str, path: Path = RESULTS_MD) -> None:
         new = old.rstrip("\n") + "\n\n" + section
     else:
         end = old.find("\n## ", start + len(title))
-        new = old[:start] + section + ("" if end < 0 else old[end + 1:])
+        new = old[:start] + section.rstrip("\n") + "\n" + ("" if end < 0 else "\n" + old[end + 1:])
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(new)
     os.replace(tmp, path)
