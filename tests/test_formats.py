@@ -127,7 +127,8 @@ def test_fp8_saturates_beyond_448():
 
 
 def test_fp8_per_token_scales_row_amax_to_448():
-    x = torch.randn(6, 96) * torch.logspace(-3, 3, 6)[:, None]
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(400, 96, generator=g) * torch.logspace(-30, 30, 400)[:, None]  # no clamp needed
     r = quantize(x, QuantArgs(bits=8, dtype="fp8_e4m3", target="activation"))
     s = x.abs().amax(-1, keepdim=True) / 448
     assert torch.equal(r.scale, s)

@@ -9,7 +9,7 @@
 Add a format by subclassing `NumberFormat` and decorating it with `@register_format(name)`.
 """
 
-from wkvaq_quant.formats.registry import NumberFormat, QParams, available_formats, get_format, register_format
+from wkvaq_quant.formats.registry import NumberFormat, QParams, Scratch, available_formats, get_format, register_format
 
 # Importing the modules registers their formats.
 from wkvaq_quant.formats import bitmod, floating, integer, prob  # noqa: E402,F401  isort: skip
@@ -25,6 +25,7 @@ __all__ = [
     "UFLOAT_SPECS",
     "NumberFormat",
     "QParams",
+    "Scratch",
     "available_formats",
     "bitmod_grid",
     "double_quantize_scales",

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from wkvaq_quant.formats.floating import group_amax
-from wkvaq_quant.formats.minifloat import pow2_floor, round_ties_down_
-from wkvaq_quant.formats.registry import NumberFormat, QParams, register_format
+from wkvaq_quant.formats.minifloat import rne_offset, round_ties_down_
+from wkvaq_quant.formats.registry import NumberFormat, QParams, Scratch, register_format
 from wkvaq_quant.formats.scale import floor_scale_
 
 if TYPE_CHECKING:
@@ -81,41 +81,45 @@ BITMOD_GRIDS: dict[int, tuple[tuple[float, ...], ...]] = {
 """bits -> the four candidate grids, indexed by the stored grid id."""
 
 
-def _round_base_(y: Tensor, base: _Base) -> Tensor:
-    return round_ties_down_(y, base.man_bits, base.emin).clamp_(-base.vmax, base.vmax)
+def _in_interval_(y: Tensor, lo: float | Tensor, hi: float | Tensor, out: Tensor, work: Tensor) -> Tensor:
+    """out = 1.0 where lo < y <= hi, else 0.0 (fp32 masks: bool outputs are much slower on CPU)."""
+    torch.gt(y, lo, out=out)
+    return out.mul_(torch.le(y, hi, out=work))
 
 
 @register_format("bitmod")
 class BitModFormat(NumberFormat):
     bits = (3, 4)
 
-    def choose_qparams(self, g: Tensor, args: QuantArgs) -> QParams:
+    def choose_qparams(self, g: Tensor, args: QuantArgs, scratch: Scratch | None = None) -> QParams:
         base, cands = _BASES[args.bits], _CANDIDATES[args.bits]
+        y, eb, t = (Scratch.like(scratch, n, g) for n in ("y", "eb", "t"))
         amax = group_amax(g)  # [rows, n_groups, 1]
         errs, scales = [], []
         for fam in (cands[0:2], cands[2:4]):  # the two candidates of a family share a scale
             s = floor_scale_(amax / fam[0].fmax)
-            y = torch.div(g, s)
-            # Base rounding for the search: ties do not change the SSE, so use the cheaper
-            # ties-to-even (y + C) - C; apply() rounds ties toward the lower value.
-            c_rne = pow2_floor(y).clamp_min_(2.0**base.emin).mul_(1.5 * 2.0 ** (23 - base.man_bits))
-            qb = torch.add(y, c_rne).sub_(c_rne).clamp_(-base.vmax, base.vmax)
-            del c_rne
+            torch.div(g, s, out=y)
+            # base grid, nearest (ties do not change the error, so the cheap RNE (y + C) - C)
+            c_rne = rne_offset(y, base.man_bits, base.emin, out=t)
+            torch.add(y, c_rne, out=eb).sub_(c_rne).clamp_(-base.vmax, base.vmax)
+            eb.sub_(y).square_()  # squared error of the base grid
+            sse_base = eb.sum(dim=-1, keepdim=True)
             for c in fam:
-                take = torch.logical_and(y > c.lo, y <= c.hi)
-                q = torch.where(take, c.extra, qb)
-                errs.append(q.sub_(y).square_().sum(dim=-1, keepdim=True).mul_(s * s))
+                # adding the extra value e changes an element's error to min((y - e)^2, eb)
+                gain = torch.sub(y, c.extra, out=t).square_().sub_(eb).clamp_max_(0.0)
+                errs.append((sse_base + gain.sum(dim=-1, keepdim=True)).mul_(s * s))
             scales.append(s)
         grid = torch.argmin(torch.cat(errs, dim=-1), dim=-1, keepdim=True)  # [rows, n_groups, 1]
         scale = torch.where(grid < 2, scales[0], scales[1])
         return QParams(scale=scale, grid=grid.to(torch.int8))
 
-    def apply(self, g: Tensor, qp: QParams, args: QuantArgs, out: Tensor) -> None:
+    def apply(self, g: Tensor, qp: QParams, args: QuantArgs, out: Tensor, scratch: Scratch | None = None) -> None:
         base, cands = _BASES[args.bits], _CANDIDATES[args.bits]
         table = torch.tensor([[c.extra, c.lo, c.hi] for c in cands], dtype=torch.float32, device=g.device)
         per_group = table[qp.grid.long().squeeze(-1)]  # [rows, n_groups, 3]
         extra, lo, hi = (per_group[..., i : i + 1] for i in range(3))
+        take, w0, w1 = (Scratch.like(scratch, n, g) for n in ("eb", "t", "y"))
         y = torch.div(g, qp.scale, out=out)
-        take = torch.logical_and(y > lo, y <= hi)
-        _round_base_(y, base)
-        torch.where(take, extra, y, out=out).mul_(qp.scale)
+        _in_interval_(y, lo, hi, take, w0)
+        round_ties_down_(y, base.man_bits, base.emin, (w0, w1)).clamp_(-base.vmax, base.vmax)
+        torch.lerp(y, extra.expand_as(y), take, out=out).mul_(qp.scale)  # take in {0, 1}: exact

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from wkvaq_quant.formats.minifloat import round_rne_
-from wkvaq_quant.formats.registry import NumberFormat, QParams, register_format
+from wkvaq_quant.formats.registry import NumberFormat, QParams, Scratch, register_format
 from wkvaq_quant.formats.scale import floor_scale_
 
 if TYPE_CHECKING:
@@ -33,27 +33,37 @@ def group_amax(g: Tensor) -> Tensor:
     return torch.maximum(g.amax(dim=-1, keepdim=True), g.amin(dim=-1, keepdim=True).neg_())
 
 
-def round_fp8_e4m3_(y: Tensor) -> Tensor:
-    """In place: saturate to +-448 and round to E4M3 (3 mantissa bits, emin -6), ties to even."""
-    return round_rne_(y.clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX), man_bits=3, emin=-6)
+def round_fp8_e4m3_(y: Tensor, work: Tensor | None = None, saturate: bool = True) -> Tensor:
+    """In place: saturate to +-448 and round to E4M3 (3 mantissa bits, emin -6), ties to even.
+
+    saturate=False skips the clamp when |y| <= 448 * (1 + 2^-22) is known (then RNE gives <= 448).
+    """
+    if saturate:
+        y.clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+    return round_rne_(y, man_bits=3, emin=-6, work=work)
 
 
-def round_fp4_e2m1_(y: Tensor) -> Tensor:
+def round_fp4_e2m1_(y: Tensor, work: Tensor | None = None, saturate: bool = True) -> Tensor:
     """In place: saturate to +-6 and round to E2M1 (1 mantissa bit, emin 0), ties to even."""
-    return round_rne_(y.clamp_(-FP4_E2M1_MAX, FP4_E2M1_MAX), man_bits=1, emin=0)
+    if saturate:
+        y.clamp_(-FP4_E2M1_MAX, FP4_E2M1_MAX)
+    return round_rne_(y, man_bits=1, emin=0, work=work)
 
 
 class _ScaledFloat(NumberFormat):
     fmax: float = 1.0
 
-    def choose_qparams(self, g: Tensor, args: QuantArgs) -> QParams:
+    def choose_qparams(self, g: Tensor, args: QuantArgs, scratch: Scratch | None = None) -> QParams:
         return QParams(scale=floor_scale_(group_amax(g).div_(self.fmax)))
 
-    def _round_(self, y: Tensor) -> Tensor:
+    def _round_(self, y: Tensor, work: Tensor, saturate: bool) -> Tensor:
         raise NotImplementedError
 
-    def apply(self, g: Tensor, qp: QParams, args: QuantArgs, out: Tensor) -> None:
-        self._round_(torch.div(g, qp.scale, out=out)).mul_(qp.scale)
+    def apply(self, g: Tensor, qp: QParams, args: QuantArgs, out: Tensor, scratch: Scratch | None = None) -> None:
+        work = Scratch.like(scratch, "work", g)
+        # with s = amax / fmax, |x / s| <= fmax (1 + 2^-22): saturation only matters once the
+        # scale was replaced by its double-quantized value
+        self._round_(torch.div(g, qp.scale, out=out), work, args.double_quant).mul_(qp.scale)
 
 
 @register_format("fp8_e4m3")
@@ -61,8 +71,8 @@ class Fp8E4M3Format(_ScaledFloat):
     bits = (8,)
     fmax = FP8_E4M3_MAX
 
-    def _round_(self, y: Tensor) -> Tensor:
-        return round_fp8_e4m3_(y)
+    def _round_(self, y: Tensor, work: Tensor, saturate: bool) -> Tensor:
+        return round_fp8_e4m3_(y, work, saturate)
 
 
 @register_format("fp4_e2m1")
@@ -70,5 +80,5 @@ class Fp4E2M1Format(_ScaledFloat):
     bits = (4,)
     fmax = FP4_E2M1_MAX
 
-    def _round_(self, y: Tensor) -> Tensor:
-        return round_fp4_e2m1_(y)
+    def _round_(self, y: Tensor, work: Tensor, saturate: bool) -> Tensor:
+        return round_fp4_e2m1_(y, work, saturate)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from wkvaq_quant.formats.registry import NumberFormat, QParams, register_format
+from wkvaq_quant.formats.registry import NumberFormat, QParams, Scratch, register_format
 from wkvaq_quant.formats.scale import floor_scale_
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ class IntFormat(NumberFormat):
     symmetric_modes = (False, True)
     default_symmetric = False
 
-    def choose_qparams(self, g: Tensor, args: QuantArgs) -> QParams:
+    def choose_qparams(self, g: Tensor, args: QuantArgs, scratch: Scratch | None = None) -> QParams:
         # g [rows, n_groups, group_size] -> parameters [rows, n_groups, 1]
         lo = g.amin(dim=-1, keepdim=True)
         hi = g.amax(dim=-1, keepdim=True)
@@ -49,7 +49,7 @@ class IntFormat(NumberFormat):
         z = torch.round(-lo / s).clamp_(0, qmax)
         return QParams(scale=s, zero=z)
 
-    def apply(self, g: Tensor, qp: QParams, args: QuantArgs, out: Tensor) -> None:
+    def apply(self, g: Tensor, qp: QParams, args: QuantArgs, out: Tensor, scratch: Scratch | None = None) -> None:
         s, z = qp.scale, qp.zero
         if args.symmetric:
             qmax = 2 ** (args.bits - 1) - 1
@@ -59,6 +59,8 @@ class IntFormat(NumberFormat):
         if args.zero_point == "float":
             torch.sub(g, z, out=out).div_(s).round_().clamp_(0, qmax).mul_(s).add_(z)
             return
-        # clamp(round(x/s) + z, 0, qmax) - z == clamp(round(x/s), -z, qmax - z) (z integral)
+        # clamp(round(x/s) + z, 0, qmax) - z == clamp(round(x/s), -z, qmax - z)  (z integral);
+        # maximum/minimum with per-group bounds (a tensor-bounded clamp is ~10x slower on CPU)
         torch.div(g, s, out=out).round_()
-        torch.clamp(out, -z, qmax - z, out=out).mul_(s)
+        torch.maximum(out, -z, out=out)
+        torch.minimum(out, qmax - z, out=out).mul_(s)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from wkvaq_quant.formats.minifloat import round_half_up_
-from wkvaq_quant.formats.registry import NumberFormat, QParams, register_format
+from wkvaq_quant.formats.registry import NumberFormat, QParams, Scratch, register_format
 
 if TYPE_CHECKING:
     from wkvaq_quant.config import QuantArgs
@@ -47,10 +47,10 @@ class UFloatSpec:
 UFLOAT_SPECS = {8: UFloatSpec(exp_bits=4, man_bits=4), 12: UFloatSpec(exp_bits=5, man_bits=7)}
 
 
-def round_ufloat_(y: Tensor, bits: int) -> Tensor:
+def round_ufloat_(y: Tensor, bits: int, work: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """In place: clamp to [0, max] and round to the unsigned `bits`-bit minifloat, half up."""
     spec = UFLOAT_SPECS[bits]
-    return round_half_up_(y.clamp_(0.0, spec.max_value), spec.man_bits, spec.emin)
+    return round_half_up_(y.clamp_(0.0, spec.max_value), spec.man_bits, spec.emin, work)
 
 
 @register_format("ufloat")
@@ -58,8 +58,9 @@ class UFloatFormat(NumberFormat):
     bits = tuple(UFLOAT_SPECS)
     scaled = False
 
-    def choose_qparams(self, g: Tensor, args: QuantArgs) -> QParams:
+    def choose_qparams(self, g: Tensor, args: QuantArgs, scratch: Scratch | None = None) -> QParams:
         return QParams()
 
-    def apply(self, g: Tensor, qp: QParams, args: QuantArgs, out: Tensor) -> None:
-        round_ufloat_(out.copy_(g), args.bits)
+    def apply(self, g: Tensor, qp: QParams, args: QuantArgs, out: Tensor, scratch: Scratch | None = None) -> None:
+        work = (Scratch.like(scratch, "work0", g), Scratch.like(scratch, "work1", g))
+        round_ufloat_(out.copy_(g), args.bits, work)

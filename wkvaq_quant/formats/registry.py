@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 __all__ = [
     "NumberFormat",
     "QParams",
+    "Scratch",
     "available_formats",
     "get_format",
     "register_format",
@@ -48,12 +49,40 @@ class QParams:
         return QParams(scale=_n(self.scale), zero=_n(self.zero), grid=_n(self.grid))
 
 
+class Scratch:
+    """Temporaries reused across the row chunks of one quantize call.
+
+    A fresh multi-MiB temporary per chunk costs page faults (the allocator returns large blocks
+    to the OS); handing out views of buffers kept here avoids that. Without a Scratch (None),
+    `Scratch.like` allocates.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, Tensor] = {}
+
+    def get(self, name: str, ref: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        n = ref.numel()
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != ref.device:
+            buf = torch.empty(n, dtype=dtype, device=ref.device)
+            self._bufs[name] = buf
+        return buf[:n].view(ref.shape)
+
+    @staticmethod
+    def like(scratch: Scratch | None, name: str, ref: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """A buffer shaped like `ref` (contents undefined): from `scratch`, or newly allocated."""
+        if scratch is None:
+            return torch.empty(ref.shape, dtype=dtype, device=ref.device)
+        return scratch.get(name, ref, dtype)
+
+
 class NumberFormat:
     """A number format. Subclasses set the class attributes and implement the two steps.
 
     Both steps see `g`: fp32 [rows, n_groups, group_size] (read-only, may be a strided view).
     `choose_qparams` reduces each group to its parameters; `apply` writes the fake-quantized
     values into `out` (same shape, fp32) using possibly modified (double-quantized) parameters.
+    `scratch` (optional) lends reusable temporaries.
     """
 
     name: str = ""
@@ -62,10 +91,10 @@ class NumberFormat:
     symmetric_modes: tuple[bool, ...] = (True,)
     default_symmetric: bool = True
 
-    def choose_qparams(self, g: Tensor, args: QuantArgs) -> QParams:
+    def choose_qparams(self, g: Tensor, args: QuantArgs, scratch: Scratch | None = None) -> QParams:
         raise NotImplementedError
 
-    def apply(self, g: Tensor, qp: QParams, args: QuantArgs, out: Tensor) -> None:
+    def apply(self, g: Tensor, qp: QParams, args: QuantArgs, out: Tensor, scratch: Scratch | None = None) -> None:
         raise NotImplementedError
 
 
