@@ -10,16 +10,21 @@ See docs/formats.md for the exact math of each format.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from wkvaq_quant.formats import available_formats, get_format
 
 __all__ = [
+    "A_DTYPES",
     "FULL_PRECISION_BITS",
     "GRANULARITIES",
+    "KV_METHODS",
+    "KVArgs",
     "QuantArgs",
+    "QuantPlan",
     "TARGETS",
+    "W_DTYPES",
     "ZERO_POINTS",
 ]
 
@@ -201,6 +206,209 @@ class QuantArgs:
         fresh = QuantArgs(bits=self.bits, dtype=self.dtype, group_size=self.group_size,
                           target=self.target, double_quant=False)
         return getattr(fresh, key) == getattr(self, key)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# A whole-model plan: W / A / Q / K / V / P settings plus the KV-cache options (P3-LLM flags)
+# ---------------------------------------------------------------------------------------
+
+KV_METHODS = ("KTVT", "KCVT")
+"""KTVT: K and V per token. KCVT: K per channel over groups of tokens (KIVI), V per token."""
+W_DTYPES = ("int", "bitmod", "fp4_e2m1")
+A_DTYPES = ("fp8_e4m3", "int")
+
+
+def _flag_err(flag: str, value: Any, why: str, allowed: str) -> ValueError:
+    return ValueError(f"{flag} {value}: {why}; allowed: {allowed}")
+
+
+@dataclass(frozen=True)
+class KVArgs:
+    """KV-cache options that are not per-tensor number formats.
+
+    method:       "KTVT" | "KCVT" (--kv_quant_method).
+    residual_len: newest tokens of K and V kept in full precision (--kv_residual_len); in one
+                  forward pass these are the last `residual_len` positions of the sequence.
+    k_scale:      divide keys by s_c = max over the prompt's tokens of |K| per channel before
+                  quantizing, compensated exactly (--apply_k_scale).
+    k_bias:       subtract the per-channel mean of K before quantizing, added back (--apply_k_bias).
+    k_post_rope:  quantize keys after RoPE (--k_quant_post_rope); default before RoPE.
+    """
+
+    method: str = "KTVT"
+    residual_len: int = 0
+    k_scale: bool = False
+    k_bias: bool = False
+    k_post_rope: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in KV_METHODS:
+            raise _flag_err("--kv_quant_method", self.method, "unknown KV quantization method", _fmt_allowed(KV_METHODS))
+        if isinstance(self.residual_len, bool) or not isinstance(self.residual_len, int) or self.residual_len < 0:
+            raise _flag_err("--kv_residual_len", self.residual_len, "must be a token count", "an integer >= 0")
+        for flag, v in (("--apply_k_scale", self.k_scale), ("--apply_k_bias", self.k_bias),
+                        ("--k_quant_post_rope", self.k_post_rope)):
+            if not isinstance(v, bool):
+                raise _flag_err(flag, v, "must be a bool", "True, False")
+
+
+def _off(target: str, dtype: str = "int", **kw: Any) -> QuantArgs:
+    return QuantArgs(bits=FULL_PRECISION_BITS, dtype=dtype, target=target, **kw)
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """Everything `modeling.attach` applies to a model.
+
+    w: decoder Linear weights (RTN once at attach), per output row or per group.
+    a: inputs of q/k/v/o_proj and gate/up/down_proj, per token (or per group of channels).
+    q: queries after RoPE, per (token, head), groups over head_dim.
+    k: keys: KTVT per token, groups over the flattened heads*head_dim; KCVT per channel,
+       groups of `group_size` tokens, float zero point.
+    v: values per token, groups over the flattened heads*head_dim.
+    p: attention probabilities after softmax (ufloat).
+    kv: KV-cache options (method, residual, k-scale, k-bias, pre/post-RoPE keys).
+
+    Build it from P3-LLM's flags with `QuantPlan.from_flags(...)`.
+    """
+
+    w: QuantArgs = field(default_factory=lambda: _off("weight"))
+    a: QuantArgs = field(default_factory=lambda: _off("activation", "fp8_e4m3"))
+    q: QuantArgs = field(default_factory=lambda: _off("query", "fp8_e4m3"))
+    k: QuantArgs = field(default_factory=lambda: _off("key", zero_point="float"))
+    v: QuantArgs = field(default_factory=lambda: _off("value", zero_point="float"))
+    p: QuantArgs = field(default_factory=lambda: _off("prob", "ufloat"))
+    kv: KVArgs = field(default_factory=KVArgs)
+
+    def __post_init__(self) -> None:
+        for name, target in (("w", "weight"), ("a", "activation"), ("q", "query"), ("k", "key"),
+                             ("v", "value"), ("p", "prob")):
+            args = getattr(self, name)
+            if not isinstance(args, QuantArgs) or args.target != target:
+                raise ValueError(f"QuantPlan.{name} must be QuantArgs(target={target!r}, ...), got {args!r}")
+        if not isinstance(self.kv, KVArgs):
+            raise ValueError(f"QuantPlan.kv must be KVArgs, got {self.kv!r}")
+        w, a, q, k, v, p, kv = self.w, self.a, self.q, self.k, self.v, self.p, self.kv
+        if w.enabled and w.dtype not in W_DTYPES:
+            raise _flag_err("--w_dtype", w.dtype, "not a weight format", _fmt_allowed(W_DTYPES))
+        if a.enabled and a.dtype not in A_DTYPES:
+            raise _flag_err("--a_dtype", a.dtype, "not an activation format", _fmt_allowed(A_DTYPES))
+        if a.enabled and a.granularity != "per_token":
+            raise _flag_err("--a_group_size", a.group_size, f"activations are quantized per token, got "
+                            f"granularity={a.granularity!r}", "per_token QuantArgs")
+        if q.enabled and (q.dtype != "fp8_e4m3" or q.granularity != "per_token"):
+            raise _flag_err("--q_bits", q.bits, f"queries are FP8 E4M3 per (token, head), got dtype={q.dtype!r}, "
+                            f"granularity={q.granularity!r}", "8 (fp8_e4m3, per_token) or 16 (off)")
+        for flag, args in (("--k_bits", k), ("--v_bits", v)):
+            if args.enabled and (args.dtype != "int" or args.symmetric):
+                raise _flag_err(flag, args.bits, f"the KV cache is asymmetric INT, got dtype={args.dtype!r}, "
+                                f"symmetric={args.symmetric}", "1..15 (asymmetric int) or 16 (off)")
+        if v.enabled and v.granularity != "per_token":
+            raise _flag_err("--v_group_size", v.group_size, "values are quantized per token", "per_token QuantArgs")
+        if p.enabled and p.dtype != "ufloat":
+            raise _flag_err("--p_bits", p.bits, f"probabilities use the unsigned ufloat formats, got {p.dtype!r}",
+                            "8, 12 or 16 (off)")
+        want_k = "per_channel" if kv.method == "KCVT" else "per_token"
+        if k.enabled and k.granularity != want_k:
+            raise _flag_err("--kv_quant_method", kv.method, f"keys must be {want_k}, got {k.granularity!r}",
+                            f"QuantArgs(granularity={want_k!r}) for the keys")
+        if kv.method == "KCVT":
+            if kv.k_scale or kv.k_bias:
+                flag = "--apply_k_scale" if kv.k_scale else "--apply_k_bias"
+                raise ValueError(f"{flag} cannot be combined with --kv_quant_method KCVT: per-channel keys already "
+                                 f"have a scale and zero point per channel; allowed: --kv_quant_method KTVT with "
+                                 f"{flag}, or KCVT without it")
+            if kv.residual_len and k.group_size != -1 and kv.residual_len % k.group_size:
+                raise ValueError(f"--kv_residual_len {kv.residual_len} with --kv_quant_method KCVT must be a multiple "
+                                 f"of --k_group_size {k.group_size} (keys are grouped along tokens); allowed: "
+                                 f"0, {k.group_size}, {2 * k.group_size}, ...")
+            if kv.residual_len and k.group_size == -1:
+                raise ValueError(f"--kv_residual_len {kv.residual_len} with --kv_quant_method KCVT needs a token "
+                                 f"group (--k_group_size > 0) that divides it; allowed: --k_group_size 32, 64, 128, ...")
+
+    # -- construction from P3-LLM's flags --------------------------------------------------
+    @classmethod
+    def from_flags(
+        cls, *, w_bits: int = 16, a_bits: int = 16, q_bits: int = 16, k_bits: int = 16, v_bits: int = 16,
+        p_bits: int = 16, w_group_size: int = -1, a_group_size: int = -1, q_group_size: int = -1,
+        k_group_size: int = -1, v_group_size: int = -1, w_dtype: str = "int", a_dtype: str = "fp8_e4m3",
+        kv_quant_method: str = "KTVT", kv_residual_len: int = 0, apply_k_scale: bool = False,
+        apply_k_bias: bool = False, k_quant_post_rope: bool = False,
+    ) -> QuantPlan:
+        """A plan from P3-LLM's command-line settings (16 bits = off, group size -1 = whole row)."""
+        kv = KVArgs(method=kv_quant_method, residual_len=kv_residual_len, k_scale=apply_k_scale,
+                    k_bias=apply_k_bias, k_post_rope=k_quant_post_rope)
+        if w_dtype not in W_DTYPES:
+            raise _flag_err("--w_dtype", repr(w_dtype), "unknown weight format", _fmt_allowed(W_DTYPES))
+        if a_dtype not in A_DTYPES:
+            raise _flag_err("--a_dtype", repr(a_dtype), "unknown activation format", _fmt_allowed(A_DTYPES))
+
+        def make(flag: str, bits: int, **kw: Any) -> QuantArgs:
+            try:
+                return QuantArgs(bits=bits, **kw)
+            except ValueError as err:
+                raise ValueError(f"{flag} {bits}: {err}") from None
+
+        kcvt = kv_quant_method == "KCVT"
+        return cls(
+            w=make("--w_bits", w_bits, dtype=w_dtype,
+                   group_size=w_group_size, target="weight"),
+            a=make("--a_bits", a_bits, dtype=a_dtype,
+                   group_size=a_group_size, target="activation", symmetric=True if a_dtype == "int" else None),
+            q=make("--q_bits", q_bits, dtype="fp8_e4m3", group_size=q_group_size,
+                   target="query"),
+            k=make("--k_bits", k_bits, dtype="int", group_size=k_group_size, target="key",
+                   granularity="per_channel" if kcvt else "per_token", zero_point="float"),
+            v=make("--v_bits", v_bits, dtype="int", group_size=v_group_size, target="value",
+                   zero_point="float"),
+            p=make("--p_bits", p_bits, dtype="ufloat", target="prob"),
+            kv=kv,
+        )
+
+    # -- convenience --------------------------------------------------------------------
+    @property
+    def quantizes_attention(self) -> bool:
+        """True when anything inside the attention function changes (Q, K, V, P or a K transform)."""
+        return any(x.enabled for x in (self.q, self.k, self.v, self.p)) or self.kv.k_scale or self.kv.k_bias
+
+    @property
+    def is_full_precision(self) -> bool:
+        """True when attaching changes no number at all."""
+        return not (self.w.enabled or self.a.enabled or self.quantizes_attention)
+
+    def slug(self) -> str:
+        """Readable summary of the enabled settings, e.g. `w4g128-a8fp8-q8-k4v4-KTVT-r32-ks`."""
+        if self.is_full_precision:
+            return "fp"
+        w, a, q, k, v, p, kv = self.w, self.a, self.q, self.k, self.v, self.p, self.kv
+
+        def g(args: QuantArgs) -> str:
+            return f"g{args.group_size}" if args.group_size != -1 else ""
+
+        parts = []
+        if w.enabled:
+            parts.append(f"w{w.bits}{g(w)}" + ("" if w.dtype == "int" else w.dtype.replace("_", "")))
+        if a.enabled:
+            parts.append(f"a{a.bits}{g(a)}" + ("fp8" if a.dtype == "fp8_e4m3" else "int"))
+        if q.enabled:
+            parts.append(f"q{q.bits}{g(q)}")
+        if k.enabled or v.enabled or kv.k_scale or kv.k_bias:
+            parts.append(f"k{k.bits}{g(k)}v{v.bits}{g(v)}")
+            parts.append(kv.method)
+            if kv.residual_len:
+                parts.append(f"r{kv.residual_len}")
+            if kv.k_post_rope:
+                parts.append("postrope")
+            if kv.k_scale:
+                parts.append("kscale")
+            if kv.k_bias:
+                parts.append("kbias")
+        if p.enabled:
+            parts.append(f"p{p.bits}")
+        return "-".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

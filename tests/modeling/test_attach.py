@@ -1,0 +1,95 @@
+"""attach(): identity at 16 bits, idempotence, exact removal, W / A placement, refusals."""
+
+import pytest
+import torch
+from torch import nn
+
+from wkvaq_quant.config import QuantArgs, QuantPlan
+from wkvaq_quant.modeling import EAGER, SDPA, attach, decoder_linears
+from wkvaq_quant.quantize import fake_quantize
+
+CASES = [("llama", "sdpa", None), ("llama", "eager", None), ("mistral", "sdpa", 8), ("mistral", "eager", 8)]
+QUANT = QuantPlan.from_flags(w_bits=4, w_group_size=16, a_bits=8, q_bits=8, k_bits=4, v_bits=4,
+                             kv_residual_len=4, apply_k_scale=True)
+
+
+@torch.no_grad()
+def _logits(model, ids):
+    return model(ids).logits
+
+
+@pytest.mark.parametrize("arch,impl,window", CASES)
+def test_all_16_bits_is_bit_identical_and_remove_restores(tiny_models, input_ids, arch, impl, window):
+    model = tiny_models(arch, impl, window)
+    ref = _logits(model, input_ids)
+    handle = attach(model, QuantPlan())
+    assert model.config._attn_implementation == (SDPA if impl == "sdpa" else EAGER)  # our function runs
+    assert torch.equal(_logits(model, input_ids), ref)
+    assert attach(model, QuantPlan()) is handle  # attaching twice is a no-op
+    handle.remove()
+    handle = attach(model, QUANT)
+    quant = _logits(model, input_ids)
+    assert not torch.allclose(quant, ref)
+    assert attach(model, QUANT) is handle
+    assert torch.equal(_logits(model, input_ids), quant)  # a second attach changed nothing
+    handle.remove()
+    assert model.config._attn_implementation == impl
+    assert torch.equal(_logits(model, input_ids), ref)
+
+
+def test_sliding_window_is_kept(tiny_models, input_ids):
+    """Mistral's window (8 < 24 tokens) must survive the registered mask function."""
+    windowed, full = tiny_models("mistral", "sdpa", 8), tiny_models("mistral", "sdpa", None)
+    full.load_state_dict(windowed.state_dict())
+    assert not torch.allclose(_logits(windowed, input_ids), _logits(full, input_ids))
+    ref = _logits(windowed, input_ids)
+    attach(windowed, QuantPlan())
+    assert torch.equal(_logits(windowed, input_ids), ref)
+
+
+def test_different_plan_needs_remove_first(tiny_models):
+    model = tiny_models()
+    attach(model, QuantPlan())
+    with pytest.raises(ValueError, match="remove"):
+        attach(model, QUANT)
+
+
+def test_weights_rtn_once_decoder_linears_only(tiny_models):
+    model = tiny_models()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    handle = attach(model, QUANT)
+    lin = decoder_linears(model)
+    assert len(lin) == 2 * 7
+    after = model.state_dict()
+    for name, w in before.items():
+        mod = name.rsplit(".weight", 1)[0]
+        if mod in lin:
+            assert torch.equal(after[name], fake_quantize(w, QUANT.w)), name
+        else:  # embeddings, norms, lm_head untouched
+            assert torch.equal(after[name], w), name
+    handle.remove()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def _fp8_per_token(x):
+    """Independent FP8 E4M3 per token: scale amax/448, round through torch's float8 dtype."""
+    s = x.abs().amax(-1, keepdim=True).clamp_min(2.0**-126) / 448
+    return (x / s).to(torch.float8_e4m3fn).float() * s
+
+
+def test_activation_inputs_fp8_per_token(tiny_models, input_ids):
+    model, ref = tiny_models(), tiny_models()
+    attach(model, QuantPlan(a=QuantArgs(bits=8, dtype="fp8_e4m3", target="activation")))
+    for lin in decoder_linears(ref).values():
+        lin.register_forward_pre_hook(lambda m, inp: (_fp8_per_token(inp[0]),))
+    torch.testing.assert_close(_logits(model, input_ids), _logits(ref, input_ids), rtol=0, atol=1e-5)
+
+
+def test_unsupported_architecture_is_refused():
+    class NotADecoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+    with pytest.raises(ValueError, match="not supported"):
+        attach(NotADecoder(), QuantPlan())

@@ -1,0 +1,152 @@
+"""`attach(model, plan)`: apply a QuantPlan to a Hugging Face decoder, removably.
+
+- W: RTN fake quantization of every decoder Linear (q/k/v/o_proj, gate/up/down_proj), once.
+- A: forward pre-hooks fake-quantize the inputs of those Linears per token.
+- K before RoPE: a forward hook on k_proj's output (default); after RoPE: in the attention
+  function (`--k_quant_post_rope`).
+- Q, V, P: inside the registered attention function (see attention.py), selected through
+  `model.set_attn_implementation`.
+
+Architectures are recognized by structure: attention modules with q/k/v/o_proj, `head_dim`,
+`num_key_value_groups` and `layer_idx`, calling transformers' attention interface; MLPs with
+gate/up/down_proj. Anything else is refused with a message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from wkvaq_quant.config import QuantPlan
+from wkvaq_quant.modeling.attention import EAGER, SDPA, STATE_ATTR, LayerState, register_attention_functions
+from wkvaq_quant.modeling.kv import quantize_keys
+from wkvaq_quant.quantize import fake_quantize
+
+__all__ = ["AttachHandle", "attach", "decoder_linears", "find_attention_modules"]
+
+HANDLE_ATTR = "_wkvaq_handle"
+ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+_ATTN_ATTRS = ("head_dim", "num_key_value_groups", "layer_idx")
+
+
+def find_attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Attention modules recognized by structure (q/k/v/o_proj Linears, head_dim, GQA groups)."""
+    found = [m for m in model.modules()
+             if all(isinstance(getattr(m, n, None), nn.Linear) for n in ATTN_PROJ)
+             and all(hasattr(m, a) for a in _ATTN_ATTRS)]
+    if not found:
+        raise ValueError(
+            f"{type(model).__name__} is not supported: no attention module with q_proj/k_proj/v_proj/o_proj "
+            f"Linears and head_dim/num_key_value_groups/layer_idx (supported: Llama, Mistral and models with "
+            f"the same attention structure)"
+        )
+    return found
+
+
+def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every decoder Linear (attention q/k/v/o_proj and MLP gate/up/down_proj) by its module name."""
+    out: dict[str, nn.Linear] = {}
+    for name, m in model.named_modules():
+        for names in (ATTN_PROJ, MLP_PROJ):
+            if all(isinstance(getattr(m, n, None), nn.Linear) for n in names):
+                for n in names:
+                    out[f"{name}.{n}"] = getattr(m, n)
+    return out
+
+
+@dataclass
+class AttachHandle:
+    """Returned by `attach`; `remove()` restores the model exactly (weights, hooks, attention)."""
+
+    model: nn.Module
+    plan: QuantPlan
+    attn_implementation: str | None = None  # the model's implementation before attaching
+    _hooks: list = field(default_factory=list)
+    _weights: dict[str, Tensor] = field(default_factory=dict)
+    _attn_modules: list = field(default_factory=list)
+    removed: bool = False
+
+    def remove(self) -> None:
+        if self.removed:
+            return
+        for h in self._hooks:
+            h.remove()
+        lin = decoder_linears(self.model)
+        with torch.no_grad():
+            for name, w in self._weights.items():
+                lin[name].weight.copy_(w)
+        for m in self._attn_modules:
+            if hasattr(m, STATE_ATTR):
+                delattr(m, STATE_ATTR)
+        if self.attn_implementation is not None:
+            self.model.set_attn_implementation(self.attn_implementation)
+        if getattr(self.model, HANDLE_ATTR, None) is self:
+            delattr(self.model, HANDLE_ATTR)
+        self._hooks, self._weights, self.removed = [], {}, True
+
+
+def _choose_attention(current: str, plan: QuantPlan) -> str | None:
+    """The registered function to select, or None to keep the current implementation."""
+    if plan.p.enabled or current == "eager":
+        return EAGER
+    if current == "sdpa":
+        return SDPA
+    return SDPA if plan.quantizes_attention else None
+
+
+def attach(model: nn.Module, plan: QuantPlan, keep_originals: bool = True) -> AttachHandle:
+    """Apply `plan` to `model`. Attaching the same plan again returns the existing handle.
+
+    keep_originals: keep a copy of the original weights so that `remove()` restores them
+    (False saves memory when the model is used once, as in a perplexity run; `remove()` then
+    restores everything but the weights).
+    """
+    old: AttachHandle | None = getattr(model, HANDLE_ATTR, None)
+    if old is not None:
+        if old.plan == plan:
+            return old
+        raise ValueError("the model already has a different QuantPlan attached; call handle.remove() first")
+    attn_modules = find_attention_modules(model)
+    linears = decoder_linears(model)
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    target = _choose_attention(current, plan) if current is not None else None
+    if plan.quantizes_attention and (current is None or not type(model)._can_set_attn_implementation()):
+        raise ValueError(f"{type(model).__name__} is not supported for Q/K/V/P quantization: its attention does "
+                         f"not dispatch through transformers' AttentionInterface")
+
+    handle = AttachHandle(model=model, plan=plan, attn_implementation=current if target else None)
+    # W: RTN once
+    if plan.w.enabled:
+        with torch.no_grad():
+            for name, lin in linears.items():
+                if keep_originals:
+                    handle._weights[name] = lin.weight.detach().clone()
+                lin.weight.copy_(fake_quantize(lin.weight, plan.w))
+    # A: inputs of every decoder Linear
+    if plan.a.enabled:
+        args = plan.a
+
+        def quant_input(_mod: nn.Module, inputs: tuple) -> tuple:
+            return (fake_quantize(inputs[0], args), *inputs[1:])
+
+        handle._hooks += [lin.register_forward_pre_hook(quant_input) for lin in linears.values()]
+    # K before RoPE: on k_proj's output [B, T, Hkv*d]
+    if not plan.kv.k_post_rope and (plan.k.enabled or plan.kv.k_scale or plan.kv.k_bias):
+        def quant_keys(_mod: nn.Module, _inputs: tuple, out: Tensor) -> Tensor:
+            k, s = quantize_keys(out, plan)
+            return k if s is None else k * s
+
+        handle._hooks += [m.k_proj.register_forward_hook(quant_keys) for m in attn_modules]
+    # Q / K after RoPE, V, P: in the attention function
+    for m in attn_modules:
+        setattr(m, STATE_ATTR, LayerState(plan=plan))
+    handle._attn_modules = attn_modules
+    if target is not None:
+        register_attention_functions()
+        model.set_attn_implementation(target)
+    setattr(model, HANDLE_ATTR, handle)
+    return handle

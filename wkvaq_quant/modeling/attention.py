@@ -1,0 +1,97 @@
+"""Attention functions registered with transformers' `AttentionInterface`.
+
+`wkvaq_sdpa` quantizes Q / K / V and calls transformers' own SDPA function; `wkvaq_eager`
+does the same around an eager attention (the same ops as Llama's `eager_attention_forward`),
+and quantizes the probabilities P after softmax. Each is registered with the mask function
+of its base (`sdpa_mask` / `eager_mask`) so causality and sliding windows are kept. The
+per-module settings live on the attention module (`module._wkvaq`, set by `attach`); a
+module without them runs unquantized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from wkvaq_quant.config import QuantPlan
+from wkvaq_quant.modeling.kv import heads_to_tokens, quantize_keys, quantize_query, quantize_tokens, tokens_to_heads
+from wkvaq_quant.quantize import fake_quantize
+
+__all__ = ["EAGER", "SDPA", "LayerState", "register_attention_functions"]
+
+SDPA = "wkvaq_sdpa"
+EAGER = "wkvaq_eager"
+STATE_ATTR = "_wkvaq"
+
+
+@dataclass
+class LayerState:
+    """What one attention module applies inside the attention function."""
+
+    plan: QuantPlan
+
+
+def _repeat_kv(x: Tensor, n_rep: int) -> Tensor:
+    """[B, Hkv, T, d] -> [B, Hkv*n_rep, T, d] (each KV head repeated for its query heads)."""
+    b, h, t, d = x.shape
+    if n_rep == 1:
+        return x
+    return x[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
+
+
+def quantize_qkv(module: nn.Module, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Post-RoPE Q / K and V of one attention call, per the module's plan (identity without one)."""
+    state: LayerState | None = getattr(module, STATE_ATTR, None)
+    if state is None:
+        return query, key, value
+    plan = state.plan
+    n_kv = key.shape[1]
+    s = None
+    if plan.kv.k_post_rope and (plan.k.enabled or plan.kv.k_scale or plan.kv.k_bias):
+        k_tok, s = quantize_keys(heads_to_tokens(key), plan)
+        key = tokens_to_heads(k_tok, n_kv)
+    if plan.v.enabled:
+        value = tokens_to_heads(quantize_tokens(heads_to_tokens(value), plan.v, plan.kv.residual_len), n_kv)
+    query = quantize_query(query, plan, s)
+    return query, key, value
+
+
+def wkvaq_sdpa_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                         attention_mask: Tensor | None, **kwargs) -> tuple[Tensor, None]:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    query, key, value = quantize_qkv(module, query, key, value)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def wkvaq_eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                          attention_mask: Tensor | None, scaling: float, dropout: float = 0.0,
+                          **kwargs) -> tuple[Tensor, Tensor]:
+    query, key, value = quantize_qkv(module, query, key, value)
+    n_rep = module.num_key_value_groups
+    key_states, value_states = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
+
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    state: LayerState | None = getattr(module, STATE_ATTR, None)
+    if state is not None and state.plan.p.enabled:
+        attn_weights = fake_quantize(attn_weights, state.plan.p)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states)
+    attn_output = attn_output.transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+def register_attention_functions() -> None:
+    """Register `wkvaq_sdpa` / `wkvaq_eager` and their mask functions (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+    AttentionInterface.register(SDPA, wkvaq_sdpa_attention)
+    AttentionInterface.register(EAGER, wkvaq_eager_attention)
+    AttentionMaskInterface.register(SDPA, sdpa_mask)
+    AttentionMaskInterface.register(EAGER, eager_mask)

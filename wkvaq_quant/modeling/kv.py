@@ -1,0 +1,83 @@
+"""Tensor-level Q / K / V transforms of a plan (no model code here).
+
+Layouts: heads `[B, H, T, d]` (what the attention function sees) and tokens `[B, T, H*d]`
+(what k_proj / v_proj produce). K and V are always quantized in the tokens layout, so
+per-token groups run over the flattened heads*head_dim (group = head_dim is per token-head)
+and KCVT's per-channel groups run along T (handled by `fake_quantize`'s per_channel layout).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from wkvaq_quant.config import QuantArgs, QuantPlan
+from wkvaq_quant.formats import SCALE_FLOOR
+from wkvaq_quant.quantize import fake_quantize
+
+__all__ = [
+    "heads_to_tokens",
+    "quantize_keys",
+    "quantize_query",
+    "quantize_tokens",
+    "tokens_to_heads",
+]
+
+
+def heads_to_tokens(x: Tensor) -> Tensor:
+    """[B, H, T, d] -> [B, T, H*d]."""
+    b, h, t, d = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * d)
+
+
+def tokens_to_heads(x: Tensor, n_heads: int) -> Tensor:
+    """[B, T, H*d] -> [B, H, T, d]."""
+    b, t, c = x.shape
+    return x.view(b, t, n_heads, c // n_heads).transpose(1, 2)
+
+
+def quantize_tokens(x: Tensor, args: QuantArgs, residual_len: int = 0) -> Tensor:
+    """Fake-quantize x [B, T, C] per `args`; the last `residual_len` tokens stay as they are."""
+    if not args.enabled:
+        return x
+    t_q = max(x.shape[1] - residual_len, 0)
+    if t_q == x.shape[1]:
+        return fake_quantize(x, args)
+    # x [B, T, C] -> quantized [B, :T-R, C] ++ full-precision [B, T-R:, C]
+    return torch.cat([fake_quantize(x[:, :t_q], args), x[:, t_q:]], dim=1)
+
+
+def quantize_keys(k: Tensor, plan: QuantPlan) -> tuple[Tensor, Tensor | None]:
+    """Keys [B, T, C] -> (K', s).
+
+    s [B, 1, C] is the k-scale (max over the tokens of |K| per channel) or None. With
+    mean mu [B, 1, C] (k-bias) the quantized part is Q((K - mu) / s) + mu / s and the residual
+    is K / s, so K' * s equals K up to quantization error: the caller multiplies either K'
+    (pre-RoPE) or the query (post-RoPE) by s.
+    """
+    kv = plan.kv
+    if not (kv.k_scale or kv.k_bias):
+        return quantize_tokens(k, plan.k, kv.residual_len), None
+    s = k.abs().amax(dim=1, keepdim=True).clamp_min(SCALE_FLOOR) if kv.k_scale else None  # [B, 1, C]
+    x = k
+    if kv.k_bias:
+        mu = k.mean(dim=1, keepdim=True)  # [B, 1, C]
+        x = x - mu
+    if s is not None:
+        x = x / s
+    t_q = max(k.shape[1] - kv.residual_len, 0)
+    old = fake_quantize(x[:, :t_q], plan.k)
+    if kv.k_bias:
+        old = old + (mu / s if s is not None else mu)
+    res = k[:, t_q:] if s is None else k[:, t_q:] / s
+    return torch.cat([old, res], dim=1), s
+
+
+def quantize_query(q: Tensor, plan: QuantPlan, k_scale: Tensor | None = None) -> Tensor:
+    """Query [B, H, T, d] after RoPE: multiply by the k-scale (repeated over the GQA groups),
+    then FP8 per (token, head) with groups over d."""
+    if k_scale is not None:
+        b, h, _, d = q.shape
+        s = k_scale.view(b, -1, 1, d)  # [B, 1, Hkv*d] -> [B, Hkv, 1, d]
+        q = q * s.repeat_interleave(h // s.shape[1], dim=1)
+    return fake_quantize(q, plan.q)
