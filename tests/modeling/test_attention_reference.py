@@ -1,0 +1,171 @@
+"""Q / K / V / P quantization against a slow reference attention written here.
+
+The reference loops over batch, heads and tokens, quantizes every vector with its own small
+quantizers (asymmetric INT with float zero point, FP8 through torch's float8 dtype, E4M4 /
+E5M7 by explicit rounding) and is selected through transformers' AttentionInterface under
+its own name; pre-RoPE keys get their own k_proj hook. Logits of the attached model must
+match within ATOL.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wkvaq_quant.config import QuantPlan
+from wkvaq_quant.modeling import attach, find_attention_modules
+
+ATOL = 1e-5  # logits; the reference sums in another order, quantization codes agree
+REF = "wkvaq_test_reference"
+FLOOR = 2.0**-126
+
+
+# -- reference quantizers (one vector at a time) ----------------------------------------------
+def ref_int(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Asymmetric INT with the group minimum as zero point (KIVI)."""
+    qmax = 2**bits - 1
+    mn, mx = x.min(), x.max()
+    s = torch.clamp((mx - mn) / qmax, min=FLOOR)
+    return torch.clamp(torch.round((x - mn) / s), 0, qmax) * s + mn
+
+
+def ref_fp8(x: torch.Tensor) -> torch.Tensor:
+    s = torch.clamp(x.abs().max() / 448, min=FLOOR)
+    return (x / s).to(torch.float8_e4m3fn).float() * s
+
+
+def ref_groups(x: torch.Tensor, group_size: int, fn) -> torch.Tensor:
+    gs = x.numel() if group_size == -1 else group_size
+    return torch.cat([fn(x[i : i + gs]) for i in range(0, x.numel(), gs)])
+
+
+def ref_ufloat(p: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned minifloat (8: E4M4 bias 15, 12: E5M7 bias 31), round half up."""
+    exp_bits, man_bits = {8: (4, 4), 12: (5, 7)}[bits]
+    emin = 2 - 2**exp_bits
+    out = torch.empty_like(p)
+    for j, v in enumerate(p.tolist()):
+        e = max(torch.floor(torch.log2(torch.tensor(v))).item(), emin) if v > 0 else emin
+        step = 2.0 ** (e - man_bits)
+        out[j] = min(torch.floor(torch.tensor(v / step + 0.5)).item() * step, 2 - 2.0**-man_bits)
+    return out
+
+
+def ref_keys(k: torch.Tensor, plan: QuantPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys of one sequence, tokens layout [T, C] -> (K', s) with K' * s ~ K."""
+    kv, T = plan.kv, k.shape[0]
+    tq = max(T - kv.residual_len, 0)
+    s = k.abs().amax(0).clamp_min(FLOOR) if kv.k_scale else torch.ones(k.shape[1])
+    mu = k.mean(0) if kv.k_bias else torch.zeros(k.shape[1])
+    out = k / s
+    if plan.k.enabled:
+        x = (k - mu) / s if kv.k_bias else k / s
+        if kv.method == "KTVT":
+            for t in range(tq):
+                out[t] = ref_groups(x[t], plan.k.group_size, lambda g: ref_int(g, plan.k.bits)) + mu / s
+        else:  # KCVT: per channel, groups of k_group_size tokens
+            gs = tq if plan.k.group_size == -1 else plan.k.group_size
+            for c in range(k.shape[1]):
+                for t0 in range(0, tq, gs):
+                    out[t0 : min(t0 + gs, tq), c] = ref_int(x[t0 : min(t0 + gs, tq), c], plan.k.bits)
+    return out, s
+
+
+def ref_values(v: torch.Tensor, plan: QuantPlan) -> torch.Tensor:
+    out = v.clone()
+    if plan.v.enabled:
+        for t in range(max(v.shape[0] - plan.kv.residual_len, 0)):
+            out[t] = ref_groups(v[t], plan.v.group_size, lambda g: ref_int(g, plan.v.bits))
+    return out
+
+
+def ref_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    plan: QuantPlan = module.ref_plan
+    B, H, Tq, d = query.shape
+    Hkv, T = key.shape[1], key.shape[2]
+    out = torch.zeros(B, Tq, H, d)
+    for b in range(B):
+        k_tok = key[b].transpose(0, 1).reshape(T, Hkv * d)  # [Hkv, T, d] -> [T, Hkv*d]
+        v_tok = ref_values(value[b].transpose(0, 1).reshape(T, Hkv * d), plan)
+        s = torch.ones(Hkv * d)
+        if plan.kv.k_post_rope:
+            k_tok, s = ref_keys(k_tok, plan)
+        for h in range(H):
+            ch = slice((h // (H // Hkv)) * d, (h // (H // Hkv) + 1) * d)  # this head's KV channels
+            for i in range(Tq):
+                q = query[b, h, i] * s[ch] if plan.kv.k_scale and plan.kv.k_post_rope else query[b, h, i]
+                if plan.q.enabled:
+                    q = ref_groups(q, plan.q.group_size, ref_fp8)
+                scores = torch.stack([torch.dot(q, k_tok[j, ch]) for j in range(T)]) * scaling
+                if attention_mask is not None:
+                    scores = scores + attention_mask[b, 0, i]
+                p = torch.softmax(scores, dim=-1)
+                if plan.p.enabled:
+                    p = ref_ufloat(p, plan.p.bits)
+                out[b, i, h] = sum(p[j] * v_tok[j, ch] for j in range(T))
+    return out, None
+
+
+def _reference_model(model, plan: QuantPlan):
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(REF, ref_attention)
+    AttentionMaskInterface.register(REF, eager_mask)
+    for m in find_attention_modules(model):
+        m.ref_plan = plan
+        if not plan.kv.k_post_rope and (plan.k.enabled or plan.kv.k_scale or plan.kv.k_bias):
+            def hook(_mod, _inp, out):  # pre-RoPE keys, [B, T, C]
+                return torch.stack([torch.mul(*ref_keys(out[b], plan)) for b in range(out.shape[0])])
+
+            m.k_proj.register_forward_hook(hook)
+    model.set_attn_implementation(REF)
+    return model
+
+
+F = QuantPlan.from_flags
+CASES = {
+    "KTVT-k4v4-row-postrope": F(k_bits=4, v_bits=4, k_quant_post_rope=True),
+    "KTVT-k4v4-headdim-prerope": F(k_bits=4, v_bits=4, k_group_size=16, v_group_size=16),
+    "KTVT-k3v2-g8-residual5-postrope": F(k_bits=3, v_bits=2, k_group_size=8, v_group_size=8, kv_residual_len=5,
+                                         k_quant_post_rope=True),
+    "KTVT-residual5-prerope": F(k_bits=2, v_bits=3, kv_residual_len=5),
+    "KCVT-k4g8-prerope": F(k_bits=4, v_bits=4, k_group_size=8, kv_quant_method="KCVT"),
+    "KCVT-k2g4-residual8-postrope": F(k_bits=2, v_bits=4, k_group_size=4, kv_quant_method="KCVT",
+                                      kv_residual_len=8, k_quant_post_rope=True),
+    "q8": F(q_bits=8),
+    "q8g8-k4": F(q_bits=8, q_group_size=8, k_bits=4, k_quant_post_rope=True),
+    "kscale-postrope-q8": F(k_bits=3, q_bits=8, apply_k_scale=True, k_quant_post_rope=True),
+    "kscale-prerope": F(k_bits=3, v_bits=4, apply_k_scale=True),
+    "kbias-postrope": F(k_bits=3, apply_k_bias=True, k_quant_post_rope=True),
+    "kbias-prerope": F(k_bits=3, apply_k_bias=True),
+    "kscale-kbias-residual-postrope-q8": F(k_bits=2, q_bits=8, apply_k_scale=True, apply_k_bias=True,
+                                           kv_residual_len=3, k_quant_post_rope=True),
+    "p8": F(p_bits=8),
+    "p12-k4v4": F(p_bits=12, k_bits=4, v_bits=4),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference(tiny_models, input_ids, name):
+    plan = CASES[name]
+    arch, window = ("mistral", 8) if "prerope" in name else ("llama", None)  # Mistral: sliding window 8
+    model = tiny_models(arch, "sdpa", window)
+    reference = _reference_model(tiny_models(arch, "sdpa", window), plan)
+    attach(model, plan)
+    with torch.no_grad():
+        got, want = model(input_ids).logits, reference(input_ids).logits
+        fp = tiny_models(arch, "sdpa", window)(input_ids).logits
+    assert (got - fp).abs().max() > 10 * ATOL  # the setting does change the numbers
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("flags", [dict(apply_k_scale=True), dict(apply_k_bias=True),
+                                   dict(apply_k_scale=True, apply_k_bias=True, kv_residual_len=4)])
+@pytest.mark.parametrize("post_rope", [False, True])
+def test_k_scale_and_bias_with_16_bit_keys_leave_logits_unchanged(tiny_models, input_ids, flags, post_rope):
+    model = tiny_models()
+    with torch.no_grad():
+        fp = model(input_ids).logits
+        attach(model, F(**flags, k_quant_post_rope=post_rope))
+        torch.testing.assert_close(model(input_ids).logits, fp, rtol=0, atol=1e-5)
