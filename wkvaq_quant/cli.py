@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from .config import A_DTYPES, KV_METHODS, W_DTYPES, QuantPlan
 from .data import CALIB_DATASETS, EVAL_DATASETS
 from .models import DTYPES, EMBEDDED_MODEL
 from .run import ATTN_IMPLEMENTATIONS, DEVICES, RunConfig
 
-__all__ = ["build_parser", "parse_config", "add_calib_args"]
+__all__ = ["build_parser", "parse_config", "add_calib_args", "add_quant_args", "plan_from_args"]
 
 
 def _positive_int(flag: str):
@@ -35,6 +36,37 @@ def add_calib_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
 
 
+def add_quant_args(parser: argparse.ArgumentParser) -> None:
+    """P3-LLM's quantization flags (16 bits = off, group size -1 = whole row)."""
+    g = parser.add_argument_group("quantization (P3-LLM flags; 16 bits = off)")
+    for t, what, groups in (
+        ("w", "decoder Linear weights (RTN)", "input channels per group (-1 = whole output row)"),
+        ("a", "inputs of the decoder Linears, per token", "channels per group (-1 = whole token)"),
+        ("q", "queries after RoPE, FP8 per (token, head)", "channels per group within a head (-1 = head_dim)"),
+        ("k", "keys", "KTVT: channels per group over heads*head_dim (-1 = whole token); KCVT: tokens per group"),
+        ("v", "values, per token", "channels per group over heads*head_dim (-1 = whole token)"),
+    ):
+        g.add_argument(f"--{t}_bits", type=int, default=16, help=f"bits of the {what}")
+        g.add_argument(f"--{t}_group_size", type=int, default=-1, help=groups)
+    g.add_argument("--p_bits", type=int, default=16, help="attention probabilities: 8 (E4M4) or 12 (E5M7)")
+    g.add_argument("--w_dtype", default="int", choices=W_DTYPES, help="weight format")
+    g.add_argument("--a_dtype", default="fp8_e4m3", choices=A_DTYPES, help="activation format")
+    g.add_argument("--kv_quant_method", default="KTVT", choices=KV_METHODS,
+                   help="KTVT: K and V per token; KCVT: K per channel over token groups, V per token")
+    g.add_argument("--kv_residual_len", type=int, default=0, help="newest K/V tokens kept in full precision")
+    g.add_argument("--apply_k_scale", action="store_true", help="per-channel key smoothing by max |K|")
+    g.add_argument("--apply_k_bias", action="store_true", help="subtract the per-channel key mean (added back)")
+    g.add_argument("--k_quant_post_rope", action="store_true", help="quantize keys after RoPE (default before)")
+
+
+def plan_from_args(args: argparse.Namespace) -> QuantPlan:
+    """The QuantPlan of parsed `add_quant_args` flags (raises ValueError naming the flag)."""
+    names = ("w_bits", "a_bits", "q_bits", "k_bits", "v_bits", "p_bits", "w_group_size", "a_group_size",
+             "q_group_size", "k_group_size", "v_group_size", "w_dtype", "a_dtype", "kv_quant_method",
+             "kv_residual_len", "apply_k_scale", "apply_k_bias", "k_quant_post_rope")
+    return QuantPlan.from_flags(**{n: getattr(args, n) for n in names})
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="main.py",
@@ -56,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=int, default=1, help="windows per forward pass")
     g.add_argument("--data_dir", default=None,
                    help="local copies of wikitext2/c4 in their original formats (or $WKVAQ_DATA_DIR)")
+    add_quant_args(p)
     g = p.add_argument_group("results")
     g.add_argument("--results_dir", default="results", help="results/<model>/<config-slug>.json")
     g.add_argument("--overwrite", action="store_true", help="recompute even if a result exists")
@@ -82,6 +115,7 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
             overwrite=args.overwrite,
             trust_remote_code=args.trust_remote_code,
             progress=not args.no_progress,
+            plan=plan_from_args(args),
         )
     except ValueError as err:
         parser.error(str(err))

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import torch
 
+from .config import QuantPlan
 from .data import EVAL_DATASETS, check_datasets, get_eval_windows
 from .eval.ppl import evaluate_perplexity
+from .modeling import attach
 from .models import DTYPES, check_model_available, load_model, load_tokenizer, resolve_model
 from .results import atomic_write_json, environment_versions, now_iso, read_result, result_path
 
@@ -40,8 +42,11 @@ class RunConfig:
     overwrite: bool = False
     trust_remote_code: bool = False
     progress: bool = True
+    plan: QuantPlan = field(default_factory=QuantPlan)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.plan, QuantPlan):
+            raise ValueError(f"RunConfig.plan must be a QuantPlan, got {type(self.plan).__name__}")
         if isinstance(self.datasets, str):
             self.datasets = [d for d in self.datasets.split(",") if d]
         unknown = [d for d in self.datasets if d not in EVAL_DATASETS]
@@ -68,7 +73,9 @@ class RunConfig:
         """Result file name: readable settings plus a hash of every non-default numeric setting."""
         defaults = {f.name: f.default for f in fields(self)}
         numeric = {k: getattr(self, k) for k in _NUMERIC_FIELDS if getattr(self, k) != defaults[k]}
-        parts = ["fp", self.dtype, f"seq{self.seq_len}"]
+        if not self.plan.is_full_precision:  # FP runs keep their earlier slug
+            numeric["plan"] = self.plan.to_dict()
+        parts = [self.plan.slug(), self.dtype, f"seq{self.seq_len}"]
         if self.n_windows is not None:
             parts.append(f"nw{self.n_windows}")
         if self.attn_implementation != defaults["attn_implementation"]:
@@ -122,6 +129,9 @@ def run(cfg: RunConfig, log=print) -> dict:
 
     model, load_s = load_model(source, cfg.dtype, cfg.device, cfg.attn_implementation, cfg.trust_remote_code)
     log(f"[wkvaq] loaded {source.path} ({source.kind}) in {load_s:.1f}s on {cfg.device} as {cfg.dtype}")
+    if not cfg.plan.is_full_precision:
+        attach(model, cfg.plan, keep_originals=False)
+        log(f"[wkvaq] quantization: {cfg.plan.slug()} (attention: {model.config._attn_implementation})")
 
     record = record or {
         "model": {"name": source.name, "kind": source.kind, "path": source.path,

@@ -1,0 +1,85 @@
+"""Quantization flags: P3-LLM names -> QuantPlan in RunConfig, slug, refusals before loading, end to end."""
+
+import json
+import re
+
+import pytest
+
+import main as main_module
+from wkvaq_quant import run as run_module
+from wkvaq_quant.cli import parse_config
+from wkvaq_quant.config import QuantPlan
+from wkvaq_quant.run import RunConfig
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the model must not be loaded for bad input")
+
+    monkeypatch.setattr(run_module, "load_model", forbidden)
+
+
+def _args(model, tmp_path, *extra):
+    return ["--model", str(model), "--results_dir", str(tmp_path / "results"), "--no_progress", *extra]
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--kv_quant_method", "KCVT", "--k_bits", "4", "--k_group_size", "32", "--apply_k_scale"],
+         "--apply_k_scale cannot be combined with --kv_quant_method KCVT"),
+        (["--kv_quant_method", "KCVT", "--k_bits", "4", "--apply_k_bias"], "--apply_k_bias cannot be combined"),
+        (["--kv_quant_method", "KCVT", "--k_bits", "4", "--k_group_size", "32", "--kv_residual_len", "20"],
+         "--kv_residual_len 20 .* multiple of --k_group_size 32"),
+        (["--a_bits", "4"], "--a_bits 4: .*allowed: 8"),
+        (["--q_bits", "6"], "--q_bits 6: .*allowed: 8"),
+        (["--p_bits", "4"], "--p_bits 4: .*allowed: 8, 12"),
+        (["--w_bits", "5", "--w_dtype", "fp4_e2m1"], "--w_bits 5: .*allowed: 4"),
+        (["--k_bits", "4", "--k_group_size", "0"], "--k_bits 4: .*group_size"),
+        (["--kv_residual_len", "-2"], "--kv_residual_len -2"),
+    ],
+)
+def test_bad_quant_flags_exit_before_loading(tmp_path, tiny_llama, capsys, flags, match, no_model_load):
+    with pytest.raises(SystemExit) as err:
+        parse_config(_args(tiny_llama, tmp_path, *flags))
+    assert err.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flags", [["--kv_quant_method", "KIVI"], ["--w_dtype", "nf4"], ["--a_dtype", "fp16"]])
+def test_bad_quant_choices_exit(tmp_path, tiny_llama, capsys, flags):
+    with pytest.raises(SystemExit):
+        parse_config(_args(tiny_llama, tmp_path, *flags))
+    assert flags[0] in capsys.readouterr().err
+
+
+def test_flags_become_the_plan():
+    cfg = parse_config(["--w_bits", "4", "--w_group_size", "128", "--a_bits", "8", "--q_bits", "8", "--k_bits", "4",
+                        "--v_bits", "4", "--kv_residual_len", "32", "--apply_k_scale", "--k_quant_post_rope"])
+    assert cfg.plan == QuantPlan.from_flags(w_bits=4, w_group_size=128, a_bits=8, q_bits=8, k_bits=4, v_bits=4,
+                                            kv_residual_len=32, apply_k_scale=True, k_quant_post_rope=True)
+    assert cfg.slug().startswith("w4g128-a8fp8-q8-k4v4-KTVT-r32-postrope-kscale-float32-seq2048-")
+
+
+def test_fp_slug_unchanged_and_quant_slugs_differ():
+    fp = RunConfig(model="m")
+    assert fp.slug() == RunConfig(model="m", plan=QuantPlan()).slug()
+    assert re.fullmatch(r"fp-float32-seq2048-[0-9a-f]{8}", fp.slug())
+    assert fp.slug() == "fp-float32-seq2048-44136fa3"  # the slug of FP results written before quantization existed
+    plans = [QuantPlan.from_flags(k_bits=4, v_bits=4), QuantPlan.from_flags(k_bits=4, v_bits=4, k_group_size=16),
+             QuantPlan.from_flags(k_bits=4, v_bits=4, k_quant_post_rope=True), QuantPlan.from_flags(w_bits=4)]
+    slugs = {fp.slug(), *(RunConfig(model="m", plan=p).slug() for p in plans)}
+    assert len(slugs) == 1 + len(plans)
+
+
+def test_quantized_run_end_to_end(tmp_path, tiny_llama, isolated_cache):
+    base = _args(tiny_llama, tmp_path, "--seq_len", "64", "--n_windows", "2")
+    assert main_module.main(base) == 0
+    assert main_module.main(base + ["--w_bits", "4", "--w_group_size", "16", "--a_bits", "8", "--k_bits", "2",
+                                    "--v_bits", "2", "--q_bits", "8", "--p_bits", "8"]) == 0
+    files = sorted((tmp_path / "results").rglob("*.json"))
+    assert [f.name.split("-")[0] for f in files] == ["fp", "w4g16"]
+    fp, quant = (json.loads(f.read_text()) for f in files)
+    assert quant["config"]["plan"]["k"]["bits"] == 2
+    assert quant["results"]["wiki_sample"]["ppl"] != pytest.approx(fp["results"]["wiki_sample"]["ppl"], rel=1e-4)
