@@ -83,3 +83,9 @@ def test_quantized_run_end_to_end(tmp_path, tiny_llama, isolated_cache):
     fp, quant = (json.loads(f.read_text()) for f in files)
     assert quant["config"]["plan"]["k"]["bits"] == 2
     assert quant["results"]["wiki_sample"]["ppl"] != pytest.approx(fp["results"]["wiki_sample"]["ppl"], rel=1e-4)
+
+
+def test_no_fold_v_scale_flag():
+    assert parse_config(["--p_bits", "8", "--v_bits", "4"]).plan.kv.fold_v_scale
+    cfg = parse_config(["--p_bits", "8", "--v_bits", "4", "--no_fold_v_scale"])
+    assert not cfg.plan.kv.fold_v_scale and "-p8nofold-" in cfg.slug()

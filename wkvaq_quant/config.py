@@ -236,6 +236,9 @@ class KVArgs:
                   quantizing, compensated exactly (--apply_k_scale).
     k_bias:       subtract the per-channel mean of K before quantizing, added back (--apply_k_bias).
     k_post_rope:  quantize keys after RoPE (--k_quant_post_rope); default before RoPE.
+    fold_v_scale: with quantized P and V, fold V's per-token scale into P before P's
+                  quantization, as the integer-V datapath does: out = Q(P * s_v) . V_int
+                  (--no_fold_v_scale turns it off: out = Q(P) . V_hat).
     """
 
     method: str = "KTVT"
@@ -243,6 +246,7 @@ class KVArgs:
     k_scale: bool = False
     k_bias: bool = False
     k_post_rope: bool = False
+    fold_v_scale: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in KV_METHODS:
@@ -250,7 +254,7 @@ class KVArgs:
         if isinstance(self.residual_len, bool) or not isinstance(self.residual_len, int) or self.residual_len < 0:
             raise _flag_err("--kv_residual_len", self.residual_len, "must be a token count", "an integer >= 0")
         for flag, v in (("--apply_k_scale", self.k_scale), ("--apply_k_bias", self.k_bias),
-                        ("--k_quant_post_rope", self.k_post_rope)):
+                        ("--k_quant_post_rope", self.k_post_rope), ("--no_fold_v_scale", self.fold_v_scale)):
             if not isinstance(v, bool):
                 raise _flag_err(flag, v, "must be a bool", "True, False")
 
@@ -336,11 +340,11 @@ class QuantPlan:
         p_bits: int = 16, w_group_size: int = -1, a_group_size: int = -1, q_group_size: int = -1,
         k_group_size: int = -1, v_group_size: int = -1, w_dtype: str = "int", a_dtype: str = "fp8_e4m3",
         kv_quant_method: str = "KTVT", kv_residual_len: int = 0, apply_k_scale: bool = False,
-        apply_k_bias: bool = False, k_quant_post_rope: bool = False,
+        apply_k_bias: bool = False, k_quant_post_rope: bool = False, fold_v_scale: bool = True,
     ) -> QuantPlan:
         """A plan from P3-LLM's command-line settings (16 bits = off, group size -1 = whole row)."""
         kv = KVArgs(method=kv_quant_method, residual_len=kv_residual_len, k_scale=apply_k_scale,
-                    k_bias=apply_k_bias, k_post_rope=k_quant_post_rope)
+                    k_bias=apply_k_bias, k_post_rope=k_quant_post_rope, fold_v_scale=fold_v_scale)
         if w_dtype not in W_DTYPES:
             raise _flag_err("--w_dtype", repr(w_dtype), "unknown weight format", _fmt_allowed(W_DTYPES))
         if a_dtype not in A_DTYPES:
@@ -375,6 +379,11 @@ class QuantPlan:
         return any(x.enabled for x in (self.q, self.k, self.v, self.p)) or self.kv.k_scale or self.kv.k_bias
 
     @property
+    def folds_v_scale(self) -> bool:
+        """True when V's per-token scale is folded into P before P's quantization."""
+        return self.p.enabled and self.v.enabled and self.kv.fold_v_scale
+
+    @property
     def is_full_precision(self) -> bool:
         """True when attaching changes no number at all."""
         return not (self.w.enabled or self.a.enabled or self.quantizes_attention)
@@ -407,7 +416,7 @@ class QuantPlan:
             if kv.k_bias:
                 parts.append("kbias")
         if p.enabled:
-            parts.append(f"p{p.bits}")
+            parts.append(f"p{p.bits}" + ("" if kv.fold_v_scale or not v.enabled else "nofold"))
         return "-".join(parts)
 
     def to_dict(self) -> dict[str, Any]:

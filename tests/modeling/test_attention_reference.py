@@ -71,12 +71,16 @@ def ref_keys(k: torch.Tensor, plan: QuantPlan) -> tuple[torch.Tensor, torch.Tens
     return out, s
 
 
-def ref_values(v: torch.Tensor, plan: QuantPlan) -> torch.Tensor:
-    out = v.clone()
+def ref_values(v: torch.Tensor, plan: QuantPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values of one sequence [T, C] -> (V_hat, scale of each element's group; 1 on the residual)."""
+    out, scale = v.clone(), torch.ones_like(v)
     if plan.v.enabled:
+        qmax = 2**plan.v.bits - 1
         for t in range(max(v.shape[0] - plan.kv.residual_len, 0)):
             out[t] = ref_groups(v[t], plan.v.group_size, lambda g: ref_int(g, plan.v.bits))
-    return out
+            scale[t] = ref_groups(v[t], plan.v.group_size,
+                                  lambda g: torch.clamp((g.max() - g.min()) / qmax, min=FLOOR).expand(g.numel()))
+    return out, scale
 
 
 def ref_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -86,7 +90,7 @@ def ref_attention(module, query, key, value, attention_mask, scaling, dropout=0.
     out = torch.zeros(B, Tq, H, d)
     for b in range(B):
         k_tok = key[b].transpose(0, 1).reshape(T, Hkv * d)  # [Hkv, T, d] -> [T, Hkv*d]
-        v_tok = ref_values(value[b].transpose(0, 1).reshape(T, Hkv * d), plan)
+        v_tok, v_scale = ref_values(value[b].transpose(0, 1).reshape(T, Hkv * d), plan)
         s = torch.ones(Hkv * d)
         if plan.kv.k_post_rope:
             k_tok, s = ref_keys(k_tok, plan)
@@ -100,6 +104,11 @@ def ref_attention(module, query, key, value, attention_mask, scaling, dropout=0.
                 if attention_mask is not None:
                     scores = scores + attention_mask[b, 0, i]
                 p = torch.softmax(scores, dim=-1)
+                if plan.p.enabled and plan.v.enabled and plan.kv.fold_v_scale:  # Q(P * s_v) . (V_hat / s_v)
+                    s_v = v_scale[:, ch.start]  # the head lies inside one group
+                    p = ref_ufloat(p * s_v, plan.p.bits)
+                    out[b, i, h] = sum(p[j] * (v_tok[j, ch] / s_v[j]) for j in range(T))
+                    continue
                 if plan.p.enabled:
                     p = ref_ufloat(p, plan.p.bits)
                 out[b, i, h] = sum(p[j] * v_tok[j, ch] for j in range(T))
@@ -142,7 +151,10 @@ CASES = {
     "kscale-kbias-residual-postrope-q8": F(k_bits=2, q_bits=8, apply_k_scale=True, apply_k_bias=True,
                                            kv_residual_len=3, k_quant_post_rope=True),
     "p8": F(p_bits=8),
-    "p12-k4v4": F(p_bits=12, k_bits=4, v_bits=4),
+    "p12-k4v4-fold": F(p_bits=12, k_bits=4, v_bits=4),
+    "p8-v4-fold-row-residual3": F(p_bits=8, v_bits=4, kv_residual_len=3),
+    "p8-v3-fold-headdim": F(p_bits=8, v_bits=3, v_group_size=16),
+    "p8-v3-nofold": F(p_bits=8, v_bits=3, v_group_size=8, fold_v_scale=False),
 }
 
 
@@ -169,3 +181,8 @@ def test_k_scale_and_bias_with_16_bit_keys_leave_logits_unchanged(tiny_models, i
         fp = model(input_ids).logits
         attach(model, F(**flags, k_quant_post_rope=post_rope))
         torch.testing.assert_close(model(input_ids).logits, fp, rtol=0, atol=1e-5)
+
+
+def test_fold_needs_whole_heads_in_a_v_group(tiny_models):
+    with pytest.raises(ValueError, match="--v_group_size 8 does not cover whole heads .*--no_fold_v_scale"):
+        attach(tiny_models(), F(p_bits=8, v_bits=4, v_group_size=8))

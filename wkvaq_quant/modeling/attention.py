@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from wkvaq_quant.config import QuantPlan
-from wkvaq_quant.modeling.kv import heads_to_tokens, quantize_keys, quantize_query, quantize_tokens, tokens_to_heads
+from wkvaq_quant.modeling.kv import heads_to_tokens, quantize_keys, quantize_query, quantize_values, tokens_to_heads
 from wkvaq_quant.quantize import fake_quantize
 
 __all__ = ["EAGER", "SDPA", "LayerState", "register_attention_functions"]
@@ -41,45 +41,52 @@ def _repeat_kv(x: Tensor, n_rep: int) -> Tensor:
     return x[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
 
 
-def quantize_qkv(module: nn.Module, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Post-RoPE Q / K and V of one attention call, per the module's plan (identity without one)."""
+def quantize_qkv(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                 fold: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Post-RoPE Q / K and V of one attention call, per the module's plan (identity without one).
+
+    Returns (Q, K, V_hat, U, s_v); U and s_v [B, Hkv, T] only with `fold` (see kv.quantize_values).
+    """
     state: LayerState | None = getattr(module, STATE_ATTR, None)
     if state is None:
-        return query, key, value
+        return query, key, value, None, None
     plan = state.plan
-    n_kv = key.shape[1]
     s = None
     if plan.kv.k_post_rope and (plan.k.enabled or plan.kv.k_scale or plan.kv.k_bias):
         k_tok, s = quantize_keys(heads_to_tokens(key), plan)
-        key = tokens_to_heads(k_tok, n_kv)
-    if plan.v.enabled:
-        value = tokens_to_heads(quantize_tokens(heads_to_tokens(value), plan.v, plan.kv.residual_len), n_kv)
+        key = tokens_to_heads(k_tok, key.shape[1])
+    value, u, s_v = quantize_values(value, plan, with_scale=fold)
     query = quantize_query(query, plan, s)
-    return query, key, value
+    return query, key, value, u, s_v
 
 
 def wkvaq_sdpa_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                          attention_mask: Tensor | None, **kwargs) -> tuple[Tensor, None]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    query, key, value = quantize_qkv(module, query, key, value)
+    query, key, value, _, _ = quantize_qkv(module, query, key, value)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 def wkvaq_eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                           attention_mask: Tensor | None, scaling: float, dropout: float = 0.0,
                           **kwargs) -> tuple[Tensor, Tensor]:
-    query, key, value = quantize_qkv(module, query, key, value)
+    state: LayerState | None = getattr(module, STATE_ATTR, None)
+    plan = state.plan if state is not None else None
+    fold = plan is not None and plan.folds_v_scale
+    query, key, value, u, s_v = quantize_qkv(module, query, key, value, fold=fold)
     n_rep = module.num_key_value_groups
-    key_states, value_states = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
+    key_states, value_states = _repeat_kv(key, n_rep), _repeat_kv(u if fold else value, n_rep)
 
     attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask
     attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    state: LayerState | None = getattr(module, STATE_ATTR, None)
-    if state is not None and state.plan.p.enabled:
-        attn_weights = fake_quantize(attn_weights, state.plan.p)
+    if fold:  # P' = P * s_v (s_v of each key token, repeated over the GQA groups); out = Q(P') . U
+        s_q = _repeat_kv(s_v[..., None], n_rep).transpose(2, 3)  # [B, Hkv, T, 1] -> [B, H, 1, T]
+        attn_weights = fake_quantize((attn_weights * s_q).to(query.dtype), plan.p)
+    elif plan is not None and plan.p.enabled:
+        attn_weights = fake_quantize(attn_weights, plan.p)
     attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value_states)
     attn_output = attn_output.transpose(1, 2).contiguous()

@@ -13,13 +13,14 @@ from torch import Tensor
 
 from wkvaq_quant.config import QuantArgs, QuantPlan
 from wkvaq_quant.formats import SCALE_FLOOR
-from wkvaq_quant.quantize import fake_quantize
+from wkvaq_quant.quantize import fake_quantize, quantize
 
 __all__ = [
     "heads_to_tokens",
     "quantize_keys",
     "quantize_query",
     "quantize_tokens",
+    "quantize_values",
     "tokens_to_heads",
 ]
 
@@ -81,3 +82,30 @@ def quantize_query(q: Tensor, plan: QuantPlan, k_scale: Tensor | None = None) ->
         s = k_scale.view(b, -1, 1, d)  # [B, 1, Hkv*d] -> [B, Hkv, 1, d]
         q = q * s.repeat_interleave(h // s.shape[1], dim=1)
     return fake_quantize(q, plan.q)
+
+
+def quantize_values(v: Tensor, plan: QuantPlan, with_scale: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Values [B, Hkv, T, d] -> (V_hat, U, s), all in the heads layout.
+
+    With `with_scale`, s [B, Hkv, T] is each token's V scale for each head and U = V_hat / s
+    (the integer-domain values of the quantized tokens; the residual tokens keep s = 1, U = V),
+    so that P . V_hat = (P * s) . U. Needs every head inside one scale group.
+    """
+    if not plan.v.enabled:
+        return v, None, None
+    b, h, t, d = v.shape
+    x = heads_to_tokens(v)  # [B, T, Hkv*d]
+    if not with_scale:
+        return tokens_to_heads(quantize_tokens(x, plan.v, plan.kv.residual_len), h), None, None
+    t_q = max(t - plan.kv.residual_len, 0)
+    s = torch.ones(b, h, t, dtype=torch.float32, device=v.device)
+    v_hat = x
+    if t_q:
+        res = quantize(x[:, :t_q], plan.v)
+        scale = res.scale.view(b, t_q, -1)  # [B*t_q, n_groups] -> [B, t_q, n_groups]
+        group_of_head = torch.arange(h, device=v.device) * d // res.group_size  # [Hkv]
+        s[:, :, :t_q] = scale[:, :, group_of_head].transpose(1, 2)
+        v_hat = torch.cat([res.x_hat, x[:, t_q:]], dim=1)
+    v_hat = tokens_to_heads(v_hat, h)
+    u = (v_hat / s[..., None]).to(v.dtype)
+    return v_hat, u, s
