@@ -57,6 +57,8 @@ def add_quant_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--apply_k_scale", action="store_true", help="per-channel key smoothing by max |K|")
     g.add_argument("--apply_k_bias", action="store_true", help="subtract the per-channel key mean (added back)")
     g.add_argument("--k_quant_post_rope", action="store_true", help="quantize keys after RoPE (default before)")
+    g.add_argument("--kv_quant_post_attn", action="store_true",
+                   help="the prompt attends in full precision; only the KV cache read by later tokens is quantized")
     g.add_argument("--no_fold_v_scale", dest="fold_v_scale", action="store_false",
                    help="with --p_bits and --v_bits: quantize P itself instead of P times V's per-token scale")
 
@@ -65,7 +67,7 @@ def plan_from_args(args: argparse.Namespace) -> QuantPlan:
     """The QuantPlan of parsed `add_quant_args` flags (raises ValueError naming the flag)."""
     names = ("w_bits", "a_bits", "q_bits", "k_bits", "v_bits", "p_bits", "w_group_size", "a_group_size",
              "q_group_size", "k_group_size", "v_group_size", "w_dtype", "a_dtype", "kv_quant_method",
-             "kv_residual_len", "apply_k_scale", "apply_k_bias", "k_quant_post_rope", "fold_v_scale")
+             "kv_residual_len", "apply_k_scale", "apply_k_bias", "k_quant_post_rope", "kv_quant_post_attn", "fold_v_scale")
     return QuantPlan.from_flags(**{n: getattr(args, n) for n in names})
 
 

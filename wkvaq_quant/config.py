@@ -236,6 +236,8 @@ class KVArgs:
                   quantizing, compensated exactly (--apply_k_scale).
     k_bias:       subtract the per-channel mean of K before quantizing, added back (--apply_k_bias).
     k_post_rope:  quantize keys after RoPE (--k_quant_post_rope); default before RoPE.
+    post_attn:    the prompt attends with full-precision K and V; only the cache that later
+                  tokens read is quantized (--kv_quant_post_attn). Needs post-RoPE keys.
     fold_v_scale: with quantized P and V, fold V's per-token scale into P before P's
                   quantization, as the integer-V datapath does: out = Q(P * s_v) . V_int
                   (--no_fold_v_scale turns it off: out = Q(P) . V_hat).
@@ -246,6 +248,7 @@ class KVArgs:
     k_scale: bool = False
     k_bias: bool = False
     k_post_rope: bool = False
+    post_attn: bool = False
     fold_v_scale: bool = True
 
     def __post_init__(self) -> None:
@@ -254,7 +257,8 @@ class KVArgs:
         if isinstance(self.residual_len, bool) or not isinstance(self.residual_len, int) or self.residual_len < 0:
             raise _flag_err("--kv_residual_len", self.residual_len, "must be a token count", "an integer >= 0")
         for flag, v in (("--apply_k_scale", self.k_scale), ("--apply_k_bias", self.k_bias),
-                        ("--k_quant_post_rope", self.k_post_rope), ("--no_fold_v_scale", self.fold_v_scale)):
+                        ("--k_quant_post_rope", self.k_post_rope), ("--kv_quant_post_attn", self.post_attn),
+                        ("--no_fold_v_scale", self.fold_v_scale)):
             if not isinstance(v, bool):
                 raise _flag_err(flag, v, "must be a bool", "True, False")
 
@@ -315,6 +319,10 @@ class QuantPlan:
         if p.enabled and p.dtype != "ufloat":
             raise _flag_err("--p_bits", p.bits, f"probabilities use the unsigned ufloat formats, got {p.dtype!r}",
                             "8, 12 or 16 (off)")
+        if kv.post_attn and not kv.k_post_rope and (k.enabled or kv.k_scale or kv.k_bias):
+            raise ValueError("--kv_quant_post_attn needs --k_quant_post_rope: keys quantized before RoPE enter the "
+                             "cache already quantized, so the prompt could not attend in full precision; allowed: "
+                             "--kv_quant_post_attn --k_quant_post_rope")
         want_k = "per_channel" if kv.method == "KCVT" else "per_token"
         if k.enabled and k.granularity != want_k:
             raise _flag_err("--kv_quant_method", kv.method, f"keys must be {want_k}, got {k.granularity!r}",
@@ -340,11 +348,13 @@ class QuantPlan:
         p_bits: int = 16, w_group_size: int = -1, a_group_size: int = -1, q_group_size: int = -1,
         k_group_size: int = -1, v_group_size: int = -1, w_dtype: str = "int", a_dtype: str = "fp8_e4m3",
         kv_quant_method: str = "KTVT", kv_residual_len: int = 0, apply_k_scale: bool = False,
-        apply_k_bias: bool = False, k_quant_post_rope: bool = False, fold_v_scale: bool = True,
+        apply_k_bias: bool = False, k_quant_post_rope: bool = False, kv_quant_post_attn: bool = False,
+        fold_v_scale: bool = True,
     ) -> QuantPlan:
         """A plan from P3-LLM's command-line settings (16 bits = off, group size -1 = whole row)."""
         kv = KVArgs(method=kv_quant_method, residual_len=kv_residual_len, k_scale=apply_k_scale,
-                    k_bias=apply_k_bias, k_post_rope=k_quant_post_rope, fold_v_scale=fold_v_scale)
+                    k_bias=apply_k_bias, k_post_rope=k_quant_post_rope,
+                    post_attn=kv_quant_post_attn, fold_v_scale=fold_v_scale)
         if w_dtype not in W_DTYPES:
             raise _flag_err("--w_dtype", repr(w_dtype), "unknown weight format", _fmt_allowed(W_DTYPES))
         if a_dtype not in A_DTYPES:
@@ -411,6 +421,8 @@ class QuantPlan:
                 parts.append(f"r{kv.residual_len}")
             if kv.k_post_rope:
                 parts.append("postrope")
+            if kv.post_attn:
+                parts.append("postattn")
             if kv.k_scale:
                 parts.append("kscale")
             if kv.k_bias:

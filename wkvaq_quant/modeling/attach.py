@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from wkvaq_quant.config import QuantPlan
 from wkvaq_quant.modeling.attention import EAGER, SDPA, STATE_ATTR, LayerState, register_attention_functions
-from wkvaq_quant.modeling.kv import quantize_keys
+from wkvaq_quant.modeling.kv import key_stats, quantize_keys
 from wkvaq_quant.quantize import fake_quantize
 
 __all__ = ["AttachHandle", "attach", "decoder_linears", "find_attention_modules"]
@@ -97,6 +97,29 @@ def _choose_attention(current: str, plan: QuantPlan) -> str | None:
     return SDPA if plan.quantizes_attention else None
 
 
+def _track_cache(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    cache = kwargs.get("past_key_values")
+    getattr(module, STATE_ATTR).past_len = cache.get_seq_length(module.layer_idx) if cache is not None else 0
+
+
+def _pre_rope_key_hook(state: LayerState):
+    plan = state.plan
+
+    def hook(_mod: nn.Module, _inputs: tuple, out: Tensor) -> Tensor:
+        if state.prefill:
+            state.k_stats = key_stats(out, plan)
+        elif plan.k.enabled and (plan.kv.residual_len or plan.kv.method == "KCVT"):
+            raise ValueError(
+                "decoding with a KV cache: keys quantized before RoPE are fixed once cached, so "
+                f"--kv_residual_len {plan.kv.residual_len} / --kv_quant_method {plan.kv.method} cannot be kept "
+                "as tokens age; add --k_quant_post_rope (or use --kv_residual_len 0 with KTVT)"
+            )
+        k, s = quantize_keys(out, plan, state.k_stats)
+        return k if s is None else k * s
+
+    return hook
+
+
 def attach(model: nn.Module, plan: QuantPlan, keep_originals: bool = True) -> AttachHandle:
     """Apply `plan` to `model`. Attaching the same plan again returns the existing handle.
 
@@ -139,16 +162,14 @@ def attach(model: nn.Module, plan: QuantPlan, keep_originals: bool = True) -> At
             return (fake_quantize(inputs[0], args), *inputs[1:])
 
         handle._hooks += [lin.register_forward_pre_hook(quant_input) for lin in linears.values()]
-    # K before RoPE: on k_proj's output [B, T, Hkv*d]
-    if not plan.kv.k_post_rope and (plan.k.enabled or plan.kv.k_scale or plan.kv.k_bias):
-        def quant_keys(_mod: nn.Module, _inputs: tuple, out: Tensor) -> Tensor:
-            k, s = quantize_keys(out, plan)
-            return k if s is None else k * s
-
-        handle._hooks += [m.k_proj.register_forward_hook(quant_keys) for m in attn_modules]
-    # Q / K after RoPE, V, P: in the attention function
+    # per-module state; a pre-hook records how many tokens the KV cache already holds
     for m in attn_modules:
         setattr(m, STATE_ATTR, LayerState(plan=plan))
+        handle._hooks.append(m.register_forward_pre_hook(_track_cache, with_kwargs=True))
+    # K before RoPE: on k_proj's output [B, T, Hkv*d]
+    if not plan.kv.k_post_rope and (plan.k.enabled or plan.kv.k_scale or plan.kv.k_bias):
+        handle._hooks += [m.k_proj.register_forward_hook(_pre_rope_key_hook(getattr(m, STATE_ATTR)))
+                          for m in attn_modules]
     handle._attn_modules = attn_modules
     if target is not None:
         register_attention_functions()

@@ -11,12 +11,13 @@ module without them runs unquantized.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from wkvaq_quant.config import QuantPlan
-from wkvaq_quant.modeling.kv import heads_to_tokens, quantize_keys, quantize_query, quantize_values, tokens_to_heads
+from wkvaq_quant.modeling.kv import heads_to_tokens, key_stats, quantize_keys, quantize_query, quantize_values, tokens_to_heads
 from wkvaq_quant.quantize import fake_quantize
 
 __all__ = ["EAGER", "SDPA", "LayerState", "register_attention_functions"]
@@ -28,9 +29,20 @@ STATE_ATTR = "_wkvaq"
 
 @dataclass
 class LayerState:
-    """What one attention module applies inside the attention function."""
+    """What one attention module applies, and what it remembers between decoding steps.
+
+    past_len: tokens already in the KV cache when the current forward started (0: a prompt,
+              or a forward without cache); set by a pre-hook on the attention module.
+    k_stats:  (k-scale, k-bias) of the prompt, frozen for the decoding steps after it.
+    """
 
     plan: QuantPlan
+    past_len: int = 0
+    k_stats: Optional[tuple] = None
+
+    @property
+    def prefill(self) -> bool:
+        return self.past_len == 0
 
 
 def _repeat_kv(x: Tensor, n_rep: int) -> Tensor:
@@ -52,8 +64,15 @@ def quantize_qkv(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
         return query, key, value, None, None
     plan = state.plan
     s = None
+    if plan.kv.post_attn and state.prefill:  # the prompt attends in full precision; only the cache is quantized
+        if plan.kv.k_scale or plan.kv.k_bias:
+            state.k_stats = key_stats(heads_to_tokens(key), plan)
+        return quantize_query(query, plan), key, value, None, None
     if plan.kv.k_post_rope and (plan.k.enabled or plan.kv.k_scale or plan.kv.k_bias):
-        k_tok, s = quantize_keys(heads_to_tokens(key), plan)
+        k_tok = heads_to_tokens(key)
+        if state.prefill:
+            state.k_stats = key_stats(k_tok, plan)
+        k_tok, s = quantize_keys(k_tok, plan, state.k_stats)
         key = tokens_to_heads(k_tok, key.shape[1])
     value, u, s_v = quantize_values(value, plan, with_scale=fold)
     query = quantize_query(query, plan, s)
@@ -75,6 +94,7 @@ def wkvaq_eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
     plan = state.plan if state is not None else None
     fold = plan is not None and plan.folds_v_scale
     query, key, value, u, s_v = quantize_qkv(module, query, key, value, fold=fold)
+    fold = u is not None  # no fold while a prompt attends in full precision (--kv_quant_post_attn)
     n_rep = module.num_key_value_groups
     key_states, value_states = _repeat_kv(key, n_rep), _repeat_kv(u if fold else value, n_rep)
 

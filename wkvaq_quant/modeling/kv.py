@@ -17,6 +17,7 @@ from wkvaq_quant.quantize import fake_quantize, quantize
 
 __all__ = [
     "heads_to_tokens",
+    "key_stats",
     "quantize_keys",
     "quantize_query",
     "quantize_tokens",
@@ -48,27 +49,37 @@ def quantize_tokens(x: Tensor, args: QuantArgs, residual_len: int = 0) -> Tensor
     return torch.cat([fake_quantize(x[:, :t_q], args), x[:, t_q:]], dim=1)
 
 
-def quantize_keys(k: Tensor, plan: QuantPlan) -> tuple[Tensor, Tensor | None]:
+def key_stats(k: Tensor, plan: QuantPlan) -> tuple[Tensor | None, Tensor | None]:
+    """k-scale s = max over the tokens of |K| and k-bias mu = mean over the tokens, per channel
+    (each [B, 1, C], None when off), of keys [B, T, C]."""
+    s = k.abs().amax(dim=1, keepdim=True).clamp_min(SCALE_FLOOR) if plan.kv.k_scale else None
+    mu = k.mean(dim=1, keepdim=True) if plan.kv.k_bias else None
+    return s, mu
+
+
+def quantize_keys(k: Tensor, plan: QuantPlan, stats: tuple[Tensor | None, Tensor | None] | None = None,
+                  residual_len: int | None = None) -> tuple[Tensor, Tensor | None]:
     """Keys [B, T, C] -> (K', s).
 
-    s [B, 1, C] is the k-scale (max over the tokens of |K| per channel) or None. With
-    mean mu [B, 1, C] (k-bias) the quantized part is Q((K - mu) / s) + mu / s and the residual
-    is K / s, so K' * s equals K up to quantization error: the caller multiplies either K'
-    (pre-RoPE) or the query (post-RoPE) by s.
+    s [B, 1, C] is the k-scale or None; with the k-bias mu [B, 1, C] the quantized part is
+    Q((K - mu) / s) + mu / s and the residual (the last `residual_len` tokens, default the
+    plan's) is K / s, so K' * s equals K up to quantization error: the caller multiplies either
+    K' (pre-RoPE) or the query (post-RoPE) by s. `stats` = (s, mu) frozen at the prompt; None
+    computes them from `k`.
     """
     kv = plan.kv
+    r = kv.residual_len if residual_len is None else residual_len
     if not (kv.k_scale or kv.k_bias):
-        return quantize_tokens(k, plan.k, kv.residual_len), None
-    s = k.abs().amax(dim=1, keepdim=True).clamp_min(SCALE_FLOOR) if kv.k_scale else None  # [B, 1, C]
+        return quantize_tokens(k, plan.k, r), None
+    s, mu = key_stats(k, plan) if stats is None else stats
     x = k
-    if kv.k_bias:
-        mu = k.mean(dim=1, keepdim=True)  # [B, 1, C]
+    if mu is not None:
         x = x - mu
     if s is not None:
         x = x / s
-    t_q = max(k.shape[1] - kv.residual_len, 0)
+    t_q = max(k.shape[1] - r, 0)
     old = fake_quantize(x[:, :t_q], plan.k)
-    if kv.k_bias:
+    if mu is not None:
         old = old + (mu / s if s is not None else mu)
     res = k[:, t_q:] if s is None else k[:, t_q:] / s
     return torch.cat([old, res], dim=1), s
