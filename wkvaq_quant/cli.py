@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import A_DTYPES, KV_METHODS, W_DTYPES, QuantPlan
+from .config import A_DTYPES, KV_METHODS, RESIDUAL_MODES, W_DTYPES, QuantPlan
 from .data import CALIB_DATASETS, EVAL_DATASETS
 from .models import DTYPES, EMBEDDED_MODEL
 from .run import ATTN_IMPLEMENTATIONS, DEVICES, RunConfig
@@ -54,6 +54,9 @@ def add_quant_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv_quant_method", default="KTVT", choices=KV_METHODS,
                    help="KTVT: K and V per token; KCVT: K per channel over token groups, V per token")
     g.add_argument("--kv_residual_len", type=int, default=0, help="newest K/V tokens kept in full precision")
+    g.add_argument("--kv_residual_mode", default="last", choices=RESIDUAL_MODES,
+                   help="last: the last R positions of the sequence are full precision for every query (P3-LLM); "
+                        "per_query: each query reads its own R newest tokens in full precision (a decoder's view)")
     g.add_argument("--apply_k_scale", action="store_true", help="per-channel key smoothing by max |K|")
     g.add_argument("--apply_k_bias", action="store_true", help="subtract the per-channel key mean (added back)")
     g.add_argument("--k_quant_post_rope", action="store_true", help="quantize keys after RoPE (default before)")
@@ -67,7 +70,7 @@ def plan_from_args(args: argparse.Namespace) -> QuantPlan:
     """The QuantPlan of parsed `add_quant_args` flags (raises ValueError naming the flag)."""
     names = ("w_bits", "a_bits", "q_bits", "k_bits", "v_bits", "p_bits", "w_group_size", "a_group_size",
              "q_group_size", "k_group_size", "v_group_size", "w_dtype", "a_dtype", "kv_quant_method",
-             "kv_residual_len", "apply_k_scale", "apply_k_bias", "k_quant_post_rope", "kv_quant_post_attn", "fold_v_scale")
+             "kv_residual_len", "kv_residual_mode", "apply_k_scale", "apply_k_bias", "k_quant_post_rope", "kv_quant_post_attn", "fold_v_scale")
     return QuantPlan.from_flags(**{n: getattr(args, n) for n in names})
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "FULL_PRECISION_BITS",
     "GRANULARITIES",
     "KV_METHODS",
+    "RESIDUAL_MODES",
     "KVArgs",
     "QuantArgs",
     "QuantPlan",
@@ -216,6 +217,10 @@ class QuantArgs:
 # ---------------------------------------------------------------------------------------
 
 KV_METHODS = ("KTVT", "KCVT")
+RESIDUAL_MODES = ("last", "per_query")
+"""last: the last R positions of the sequence stay full precision for every query (P3-LLM, one
+forward). per_query: every query sees its own R most recent tokens in full precision (what a
+decoder with a full-precision residual buffer computes)."""
 """KTVT: K and V per token. KCVT: K per channel over groups of tokens (KIVI), V per token."""
 W_DTYPES = ("int", "bitmod", "fp4_e2m1")
 A_DTYPES = ("fp8_e4m3", "int")
@@ -232,6 +237,7 @@ class KVArgs:
     method:       "KTVT" | "KCVT" (--kv_quant_method).
     residual_len: newest tokens of K and V kept in full precision (--kv_residual_len); in one
                   forward pass these are the last `residual_len` positions of the sequence.
+    residual_mode: "last" (P3-LLM) | "per_query" (--kv_residual_mode); see RESIDUAL_MODES.
     k_scale:      divide keys by s_c = max over the prompt's tokens of |K| per channel before
                   quantizing, compensated exactly (--apply_k_scale).
     k_bias:       subtract the per-channel mean of K before quantizing, added back (--apply_k_bias).
@@ -245,6 +251,7 @@ class KVArgs:
 
     method: str = "KTVT"
     residual_len: int = 0
+    residual_mode: str = "last"
     k_scale: bool = False
     k_bias: bool = False
     k_post_rope: bool = False
@@ -254,6 +261,9 @@ class KVArgs:
     def __post_init__(self) -> None:
         if self.method not in KV_METHODS:
             raise _flag_err("--kv_quant_method", self.method, "unknown KV quantization method", _fmt_allowed(KV_METHODS))
+        if self.residual_mode not in RESIDUAL_MODES:
+            raise _flag_err("--kv_residual_mode", self.residual_mode, "unknown residual mode",
+                            _fmt_allowed(RESIDUAL_MODES))
         if isinstance(self.residual_len, bool) or not isinstance(self.residual_len, int) or self.residual_len < 0:
             raise _flag_err("--kv_residual_len", self.residual_len, "must be a token count", "an integer >= 0")
         for flag, v in (("--apply_k_scale", self.k_scale), ("--apply_k_bias", self.k_bias),
@@ -261,6 +271,11 @@ class KVArgs:
                         ("--no_fold_v_scale", self.fold_v_scale)):
             if not isinstance(v, bool):
                 raise _flag_err(flag, v, "must be a bool", "True, False")
+
+    @property
+    def per_query_residual(self) -> bool:
+        """True when each query keeps its own newest `residual_len` tokens in full precision."""
+        return self.residual_mode == "per_query" and self.residual_len > 0
 
 
 def _off(target: str, dtype: str = "int", **kw: Any) -> QuantArgs:
@@ -323,6 +338,10 @@ class QuantPlan:
             raise ValueError("--kv_quant_post_attn needs --k_quant_post_rope: keys quantized before RoPE enter the "
                              "cache already quantized, so the prompt could not attend in full precision; allowed: "
                              "--kv_quant_post_attn --k_quant_post_rope")
+        if kv.per_query_residual and not kv.k_post_rope and (k.enabled or kv.k_scale or kv.k_bias):
+            raise ValueError("--kv_residual_mode per_query needs --k_quant_post_rope: each query needs both the "
+                             "quantized and the full-precision key of a token after RoPE; allowed: "
+                             "--kv_residual_mode per_query --k_quant_post_rope, or --kv_residual_mode last")
         want_k = "per_channel" if kv.method == "KCVT" else "per_token"
         if k.enabled and k.granularity != want_k:
             raise _flag_err("--kv_quant_method", kv.method, f"keys must be {want_k}, got {k.granularity!r}",
@@ -347,12 +366,12 @@ class QuantPlan:
         cls, *, w_bits: int = 16, a_bits: int = 16, q_bits: int = 16, k_bits: int = 16, v_bits: int = 16,
         p_bits: int = 16, w_group_size: int = -1, a_group_size: int = -1, q_group_size: int = -1,
         k_group_size: int = -1, v_group_size: int = -1, w_dtype: str = "int", a_dtype: str = "fp8_e4m3",
-        kv_quant_method: str = "KTVT", kv_residual_len: int = 0, apply_k_scale: bool = False,
+        kv_quant_method: str = "KTVT", kv_residual_len: int = 0, kv_residual_mode: str = "last", apply_k_scale: bool = False,
         apply_k_bias: bool = False, k_quant_post_rope: bool = False, kv_quant_post_attn: bool = False,
         fold_v_scale: bool = True,
     ) -> QuantPlan:
         """A plan from P3-LLM's command-line settings (16 bits = off, group size -1 = whole row)."""
-        kv = KVArgs(method=kv_quant_method, residual_len=kv_residual_len, k_scale=apply_k_scale,
+        kv = KVArgs(method=kv_quant_method, residual_len=kv_residual_len, residual_mode=kv_residual_mode, k_scale=apply_k_scale,
                     k_bias=apply_k_bias, k_post_rope=k_quant_post_rope,
                     post_attn=kv_quant_post_attn, fold_v_scale=fold_v_scale)
         if w_dtype not in W_DTYPES:
@@ -383,6 +402,11 @@ class QuantPlan:
         )
 
     # -- convenience --------------------------------------------------------------------
+    @property
+    def needs_eager(self) -> bool:
+        """True when the attention must run eagerly (quantized P, per-query residual)."""
+        return self.p.enabled or (self.kv.per_query_residual and (self.k.enabled or self.v.enabled))
+
     @property
     def quantizes_attention(self) -> bool:
         """True when anything inside the attention function changes (Q, K, V, P or a K transform)."""
@@ -418,7 +442,7 @@ class QuantPlan:
             parts.append(f"k{k.bits}{g(k)}v{v.bits}{g(v)}")
             parts.append(kv.method)
             if kv.residual_len:
-                parts.append(f"r{kv.residual_len}")
+                parts.append(f"r{kv.residual_len}" + ("pq" if kv.residual_mode == "per_query" else ""))
             if kv.k_post_rope:
                 parts.append("postrope")
             if kv.post_attn:

@@ -93,3 +93,11 @@ def test_unsupported_architecture_is_refused():
 
     with pytest.raises(ValueError, match="not supported"):
         attach(NotADecoder(), QuantPlan())
+
+
+@pytest.mark.parametrize("method", ["KTVT", "KCVT"])
+def test_sequence_shorter_than_the_residual_stays_full_precision(tiny_models, input_ids, method):
+    model, fp = tiny_models(), tiny_models()
+    attach(model, QuantPlan.from_flags(k_bits=2, v_bits=2, k_group_size=8, kv_quant_method=method,
+                                       kv_residual_len=32, k_quant_post_rope=True))
+    torch.testing.assert_close(_logits(model, input_ids), _logits(fp, input_ids), rtol=0, atol=1e-6)

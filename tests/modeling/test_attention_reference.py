@@ -9,6 +9,8 @@ match within ATOL.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -40,15 +42,12 @@ def ref_groups(x: torch.Tensor, group_size: int, fn) -> torch.Tensor:
 
 
 def ref_ufloat(p: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned minifloat (8: E4M4 bias 15, 12: E5M7 bias 31), round half up."""
+    """Unsigned minifloat (8: E4M4 bias 15, 12: E5M7 bias 31), round half up, element by element."""
     exp_bits, man_bits = {8: (4, 4), 12: (5, 7)}[bits]
     emin = 2 - 2**exp_bits
-    out = torch.empty_like(p)
-    for j, v in enumerate(p.tolist()):
-        e = max(torch.floor(torch.log2(torch.tensor(v))).item(), emin) if v > 0 else emin
-        step = 2.0 ** (e - man_bits)
-        out[j] = min(torch.floor(torch.tensor(v / step + 0.5)).item() * step, 2 - 2.0**-man_bits)
-    return out
+    e = torch.floor(torch.log2(p.clamp_min(2.0**-149))).clamp_min(emin)  # binade (subnormals: emin)
+    step = torch.exp2(e - man_bits)
+    return torch.clamp(torch.floor(p / step + 0.5) * step, max=2 - 2.0**-man_bits)
 
 
 def ref_keys(k: torch.Tensor, plan: QuantPlan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,33 +84,46 @@ def ref_values(v: torch.Tensor, plan: QuantPlan) -> tuple[torch.Tensor, torch.Te
 
 def ref_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     plan: QuantPlan = module.ref_plan
+    per_query = plan.kv.residual_mode == "per_query" and plan.kv.residual_len > 0
+    all_q = dataclasses.replace(plan, kv=dataclasses.replace(plan.kv, residual_len=0))
+    R = plan.kv.residual_len
     B, H, Tq, d = query.shape
     Hkv, T = key.shape[1], key.shape[2]
     out = torch.zeros(B, Tq, H, d)
     for b in range(B):
-        k_tok = key[b].transpose(0, 1).reshape(T, Hkv * d)  # [Hkv, T, d] -> [T, Hkv*d]
-        v_tok, v_scale = ref_values(value[b].transpose(0, 1).reshape(T, Hkv * d), plan)
-        s = torch.ones(Hkv * d)
+        k_raw = key[b].transpose(0, 1).reshape(T, Hkv * d)  # [Hkv, T, d] -> [T, Hkv*d]
+        v_raw = value[b].transpose(0, 1).reshape(T, Hkv * d)
+        k_tok, v_tok, v_scale, s = k_raw, *ref_values(v_raw, plan), torch.ones(Hkv * d)
         if plan.kv.k_post_rope:
-            k_tok, s = ref_keys(k_tok, plan)
+            k_tok, s = ref_keys(k_raw, plan)
+        if per_query:  # every token quantized; the recent ones are picked per query below
+            (k_tok, s), (v_tok, v_scale) = ref_keys(k_raw, all_q), ref_values(v_raw, all_q)
         for h in range(H):
             ch = slice((h // (H // Hkv)) * d, (h // (H // Hkv) + 1) * d)  # this head's KV channels
             for i in range(Tq):
+                pos = T - Tq + i
+                if per_query:  # token j is full precision for this query while its (KCVT: group's) end is recent
+                    g = plan.k.group_size if plan.kv.method == "KCVT" and plan.k.enabled else 1
+                    recent = [((j // g + 1) * g - 1 if g > 0 else j) > pos - R for j in range(T)]
+                else:
+                    recent = [False] * T
+                keys = [k_raw[j, ch] / s[ch] if recent[j] else k_tok[j, ch] for j in range(T)]
+                vals = [v_raw[j, ch] if recent[j] else v_tok[j, ch] for j in range(T)]
+                s_v = torch.tensor([1.0 if recent[j] else v_scale[j, ch.start].item() for j in range(T)])
                 q = query[b, h, i] * s[ch] if plan.kv.k_scale and plan.kv.k_post_rope else query[b, h, i]
                 if plan.q.enabled:
                     q = ref_groups(q, plan.q.group_size, ref_fp8)
-                scores = torch.stack([torch.dot(q, k_tok[j, ch]) for j in range(T)]) * scaling
+                scores = torch.stack([torch.dot(q, keys[j]) for j in range(T)]) * scaling
                 if attention_mask is not None:
                     scores = scores + attention_mask[b, 0, i]
                 p = torch.softmax(scores, dim=-1)
                 if plan.p.enabled and plan.v.enabled and plan.kv.fold_v_scale:  # Q(P * s_v) . (V_hat / s_v)
-                    s_v = v_scale[:, ch.start]  # the head lies inside one group
                     p = ref_ufloat(p * s_v, plan.p.bits)
-                    out[b, i, h] = sum(p[j] * (v_tok[j, ch] / s_v[j]) for j in range(T))
+                    out[b, i, h] = sum(p[j] * (vals[j] / s_v[j]) for j in range(T))
                     continue
                 if plan.p.enabled:
                     p = ref_ufloat(p, plan.p.bits)
-                out[b, i, h] = sum(p[j] * v_tok[j, ch] for j in range(T))
+                out[b, i, h] = sum(p[j] * vals[j] for j in range(T))
     return out, None
 
 
@@ -155,6 +167,13 @@ CASES = {
     "p8-v4-fold-row-residual3": F(p_bits=8, v_bits=4, kv_residual_len=3),
     "p8-v3-fold-headdim": F(p_bits=8, v_bits=3, v_group_size=16),
     "p8-v3-nofold": F(p_bits=8, v_bits=3, v_group_size=8, fold_v_scale=False),
+    "perquery-KTVT-r5-postrope-q8": F(k_bits=3, v_bits=3, q_bits=8, kv_residual_len=5, kv_residual_mode="per_query",
+                                      k_quant_post_rope=True),
+    "perquery-KCVT-g4-r8-postrope": F(k_bits=2, v_bits=3, k_group_size=4, kv_quant_method="KCVT", kv_residual_len=8,
+                                      kv_residual_mode="per_query", k_quant_post_rope=True),
+    "perquery-kscale-kbias-p8-fold-r3": F(k_bits=3, v_bits=4, p_bits=8, apply_k_scale=True, apply_k_bias=True,
+                                          kv_residual_len=3, kv_residual_mode="per_query", k_quant_post_rope=True),
+    "perquery-v-only-prerope-r4": F(v_bits=2, kv_residual_len=4, kv_residual_mode="per_query"),
 }
 
 

@@ -85,3 +85,24 @@ def test_post_attn_prompt_in_full_precision_cache_quantized(tiny_models, input_i
     assert (scores[1:] - fp_scores[1:]).abs().max() > 1e-3  # later tokens read the quantized cache
     with pytest.raises(ValueError, match="--kv_quant_post_attn needs --k_quant_post_rope"):
         F(k_bits=2, kv_quant_post_attn=True)
+
+
+@pytest.mark.parametrize("plan", [
+    F(k_bits=3, v_bits=3, q_bits=8, kv_residual_len=4, kv_residual_mode="per_query", k_quant_post_rope=True),
+    F(k_bits=2, v_bits=3, k_group_size=4, kv_quant_method="KCVT", kv_residual_len=4, kv_residual_mode="per_query",
+      k_quant_post_rope=True),
+    F(v_bits=3, p_bits=8, kv_residual_len=4, kv_residual_mode="per_query"),
+], ids=["KTVT", "KCVT", "v-p8-fold"])
+def test_per_query_residual_is_what_a_decoder_computes(tiny_models, input_ids, plan):
+    """Recomputing the sequence in per_query mode equals decoding from the cache (whose newest R tokens are FP)."""
+    model = tiny_models()
+    attach(model, plan)
+    cached, cached_scores = _generate(model, input_ids)
+    full, full_scores = _generate(model, input_ids, use_cache=False)
+    assert torch.equal(cached, full)
+    torch.testing.assert_close(cached_scores, full_scores, rtol=0, atol=1e-5)
+
+
+def test_per_query_needs_post_rope_keys():
+    with pytest.raises(ValueError, match="--kv_residual_mode per_query needs --k_quant_post_rope"):
+        F(k_bits=4, kv_residual_len=4, kv_residual_mode="per_query")

@@ -90,7 +90,7 @@ class AttachHandle:
 
 def _choose_attention(current: str, plan: QuantPlan) -> str | None:
     """The registered function to select, or None to keep the current implementation."""
-    if plan.p.enabled or current == "eager":
+    if plan.needs_eager or current == "eager":
         return EAGER
     if current == "sdpa":
         return SDPA

@@ -10,6 +10,7 @@ module without them runs unquantized.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -87,11 +88,66 @@ def wkvaq_sdpa_attention(module: nn.Module, query: Tensor, key: Tensor, value: T
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
+def _recent_mask(plan: QuantPlan, t_q: int, t_k: int, device: torch.device) -> Tensor:
+    """[Tq, T] bool: key j is among query i's `residual_len` newest tokens (the last query is
+    the last key). KCVT keys: a token stays full precision until its whole token group is old."""
+    pos_q = torch.arange(t_k - t_q, t_k, device=device)[:, None]
+    j = torch.arange(t_k, device=device)[None, :]
+    if plan.kv.method == "KCVT" and plan.k.enabled and plan.k.group_size != -1:
+        g = plan.k.group_size
+        j = (j // g + 1) * g - 1  # the last token of j's group
+    return j > pos_q - plan.kv.residual_len
+
+
+def _per_query_attention(module: nn.Module, state: LayerState, query: Tensor, key: Tensor, value: Tensor,
+                         attention_mask: Tensor | None, scaling: float, dropout: float) -> tuple[Tensor, Tensor]:
+    """Eager attention where every query reads its newest R tokens in full precision.
+
+    Scores and outputs are computed from both the quantized and the full-precision K / V and
+    selected per (query, key): S = where(recent, Q.K_fp, Q.K_q), out = P_recent.V_fp + P_old.V_q.
+    """
+    plan, n_rep, n_kv = state.plan, module.num_key_value_groups, key.shape[1]
+    all_q = dataclasses.replace(plan, kv=dataclasses.replace(plan.kv, residual_len=0))  # every token quantized
+    s = None
+    key_q = key_fp = key
+    if plan.k.enabled or plan.kv.k_scale or plan.kv.k_bias:  # post-RoPE keys (checked by QuantPlan)
+        k_tok = heads_to_tokens(key)
+        if state.prefill:
+            state.k_stats = key_stats(k_tok, plan)
+        k_q, s = quantize_keys(k_tok, all_q, state.k_stats)
+        k_fp, _ = quantize_keys(k_tok, plan, state.k_stats, residual_len=k_tok.shape[1])
+        key_q, key_fp = tokens_to_heads(k_q, n_kv), tokens_to_heads(k_fp, n_kv)
+    fold = plan.folds_v_scale
+    value_q, u, s_v = quantize_values(value, all_q, with_scale=fold)
+    query = quantize_query(query, plan, s)
+    recent = _recent_mask(plan, query.shape[2], key.shape[2], query.device)  # [Tq, T]
+
+    scores_fp = torch.matmul(query, _repeat_kv(key_fp, n_rep).transpose(2, 3))
+    scores_q = torch.matmul(query, _repeat_kv(key_q, n_rep).transpose(2, 3))
+    attn_weights = torch.where(recent, scores_fp, scores_q) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    if fold:  # old tokens: P * s_v against U; recent tokens: P against V
+        s_q = _repeat_kv(s_v[..., None], n_rep).transpose(2, 3)  # [B, Hkv, T, 1] -> [B, H, 1, T]
+        attn_weights = torch.where(recent, attn_weights, (attn_weights * s_q).to(query.dtype))
+        value_q = u
+    if plan.p.enabled:
+        attn_weights = fake_quantize(attn_weights, plan.p)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    zero = torch.zeros((), dtype=attn_weights.dtype, device=attn_weights.device)
+    attn_output = (torch.matmul(torch.where(recent, attn_weights, zero), _repeat_kv(value, n_rep))
+                   + torch.matmul(torch.where(recent, zero, attn_weights), _repeat_kv(value_q, n_rep)))
+    return attn_output.transpose(1, 2).contiguous(), attn_weights
+
+
 def wkvaq_eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                           attention_mask: Tensor | None, scaling: float, dropout: float = 0.0,
                           **kwargs) -> tuple[Tensor, Tensor]:
     state: LayerState | None = getattr(module, STATE_ATTR, None)
     plan = state.plan if state is not None else None
+    if plan is not None and plan.kv.per_query_residual and not (plan.kv.post_attn and state.prefill):
+        return _per_query_attention(module, state, query, key, value, attention_mask, scaling, dropout)
     fold = plan is not None and plan.folds_v_scale
     query, key, value, u, s_v = quantize_qkv(module, query, key, value, fold=fold)
     fold = u is not None  # no fold while a prompt attends in full precision (--kv_quant_post_attn)

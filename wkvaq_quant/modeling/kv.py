@@ -45,6 +45,8 @@ def quantize_tokens(x: Tensor, args: QuantArgs, residual_len: int = 0) -> Tensor
     t_q = max(x.shape[1] - residual_len, 0)
     if t_q == x.shape[1]:
         return fake_quantize(x, args)
+    if t_q == 0:  # every token is recent
+        return x
     # x [B, T, C] -> quantized [B, :T-R, C] ++ full-precision [B, T-R:, C]
     return torch.cat([fake_quantize(x[:, :t_q], args), x[:, t_q:]], dim=1)
 
@@ -78,7 +80,7 @@ def quantize_keys(k: Tensor, plan: QuantPlan, stats: tuple[Tensor | None, Tensor
     if s is not None:
         x = x / s
     t_q = max(k.shape[1] - r, 0)
-    old = fake_quantize(x[:, :t_q], plan.k)
+    old = fake_quantize(x[:, :t_q], plan.k) if t_q else x[:, :0]
     if mu is not None:
         old = old + (mu / s if s is not None else mu)
     res = k[:, t_q:] if s is None else k[:, t_q:] / s
