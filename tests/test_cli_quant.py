@@ -88,3 +88,26 @@ def test_no_fold_v_scale_flag():
     assert parse_config(["--p_bits", "8", "--v_bits", "4"]).plan.kv.fold_v_scale
     cfg = parse_config(["--p_bits", "8", "--v_bits", "4", "--no_fold_v_scale"])
     assert not cfg.plan.kv.fold_v_scale and "-p8nofold-" in cfg.slug()
+
+
+def test_awq_model_path_lp_missing_fails_before_loading(tmp_path, tiny_llama, capsys, no_model_load):
+    assert main_module.main(_args(tiny_llama, tmp_path, "--awq_model_path_lp", str(tmp_path / "nothing.pt"))) == 2
+    assert "--awq_model_path_lp" in capsys.readouterr().err
+
+
+def test_awq_model_path_lp_loads_weights(tmp_path, tiny_llama):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from wkvaq_quant.modeling.checkpoint import load_checkpoint_weights
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    sd = {k: torch.full_like(v, 0.5) for k, v in model.state_dict().items() if k.endswith("q_proj.weight")}
+    torch.save(sd, tmp_path / "lp.pt")
+    assert load_checkpoint_weights(model, str(tmp_path / "lp.pt")) == len(sd) == 2
+    assert torch.equal(model.model.layers[1].self_attn.q_proj.weight, sd["model.layers.1.self_attn.q_proj.weight"])
+    torch.save({"not.a.param": torch.zeros(1)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="'not.a.param' is not a parameter"):
+        load_checkpoint_weights(model, str(tmp_path / "bad.pt"))
+    cfg = parse_config(["--awq_model_path_lp", str(tmp_path / "lp.pt"), "--w_bits", "4"])
+    assert cfg.slug().startswith("lp-lp.pt-w4-") and cfg.slug() != parse_config(["--w_bits", "4"]).slug()

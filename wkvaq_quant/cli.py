@@ -62,6 +62,9 @@ def add_quant_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--k_quant_post_rope", action="store_true", help="quantize keys after RoPE (default before)")
     g.add_argument("--kv_quant_post_attn", action="store_true",
                    help="the prompt attends in full precision; only the KV cache read by later tokens is quantized")
+    g.add_argument("--awq_model_path_lp", default=None,
+                   help="load the weights of a fake-quantized checkpoint (state-dict file or safetensors directory) "
+                        "over the model's before quantizing")
     g.add_argument("--no_fold_v_scale", dest="fold_v_scale", action="store_false",
                    help="with --p_bits and --v_bits: quantize P itself instead of P times V's per-token scale")
 
@@ -123,6 +126,7 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
             trust_remote_code=args.trust_remote_code,
             progress=not args.no_progress,
             plan=plan_from_args(args),
+            awq_model_path_lp=args.awq_model_path_lp,
         )
     except ValueError as err:
         parser.error(str(err))

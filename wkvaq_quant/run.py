@@ -14,6 +14,7 @@ from .config import QuantPlan
 from .data import EVAL_DATASETS, check_datasets, get_eval_windows
 from .eval.ppl import evaluate_perplexity
 from .modeling import attach
+from .modeling.checkpoint import check_checkpoint, load_checkpoint_weights
 from .models import DTYPES, check_model_available, load_model, load_tokenizer, resolve_model
 from .results import atomic_write_json, environment_versions, now_iso, read_result, result_path
 
@@ -43,6 +44,7 @@ class RunConfig:
     trust_remote_code: bool = False
     progress: bool = True
     plan: QuantPlan = field(default_factory=QuantPlan)
+    awq_model_path_lp: str | None = None  # weights of a fake-quantized checkpoint, loaded over the model's
 
     def __post_init__(self) -> None:
         if not isinstance(self.plan, QuantPlan):
@@ -76,6 +78,9 @@ class RunConfig:
         if not self.plan.is_full_precision:  # FP runs keep their earlier slug
             numeric["plan"] = self.plan.to_dict()
         parts = [self.plan.slug(), self.dtype, f"seq{self.seq_len}"]
+        if self.awq_model_path_lp:
+            numeric["awq_model_path_lp"] = str(Path(self.awq_model_path_lp).resolve())
+            parts.insert(0, "lp-" + Path(self.awq_model_path_lp).resolve().name)
         if self.n_windows is not None:
             parts.append(f"nw{self.n_windows}")
         if self.attn_implementation != defaults["attn_implementation"]:
@@ -101,6 +106,8 @@ def run(cfg: RunConfig, log=print) -> dict:
     started = time.perf_counter()
     source = check_model_available(resolve_model(cfg.model))
     _check_device(cfg.device)
+    if cfg.awq_model_path_lp:
+        check_checkpoint(cfg.awq_model_path_lp)
     text_sources = check_datasets(cfg.datasets, cfg.data_dir)
     path = result_path(cfg.results_dir, source.name, cfg.slug())
     record = None if cfg.overwrite else read_result(path)
@@ -129,6 +136,9 @@ def run(cfg: RunConfig, log=print) -> dict:
 
     model, load_s = load_model(source, cfg.dtype, cfg.device, cfg.attn_implementation, cfg.trust_remote_code)
     log(f"[wkvaq] loaded {source.path} ({source.kind}) in {load_s:.1f}s on {cfg.device} as {cfg.dtype}")
+    if cfg.awq_model_path_lp:
+        n = load_checkpoint_weights(model, cfg.awq_model_path_lp)
+        log(f"[wkvaq] loaded {n} tensors from {cfg.awq_model_path_lp}")
     if not cfg.plan.is_full_precision:
         attach(model, cfg.plan, keep_originals=False)
         log(f"[wkvaq] quantization: {cfg.plan.slug()} (attention: {model.config._attn_implementation})")
