@@ -57,3 +57,19 @@ def test_plan_checks_targets_and_kv_layout():
         QuantPlan(k=QuantArgs(bits=4, target="key"), kv=KVArgs(method="KCVT"))
     with pytest.raises(ValueError, match="--k_bits 4: the KV cache is asymmetric INT"):
         QuantPlan(k=QuantArgs(bits=4, target="key", symmetric=True))
+
+
+def test_slug_names_residual_mode_post_attn_and_fold():
+    assert F(k_bits=4, v_bits=4, kv_residual_len=32, kv_residual_mode="per_query",
+             k_quant_post_rope=True).slug() == "k4v4-KTVT-r32pq-postrope"
+    assert F(k_bits=4, k_quant_post_rope=True, kv_quant_post_attn=True).slug() == "k4v16-KTVT-postrope-postattn"
+    assert F(v_bits=4, p_bits=8, fold_v_scale=False).slug() == "k16v4-KTVT-p8nofold"
+    assert F(kv_residual_mode="per_query").kv.per_query_residual is False  # no residual, nothing per query
+
+
+def test_unknown_residual_mode_is_refused():
+    with pytest.raises(ValueError, match="--kv_residual_mode newest:.*allowed: 'last', 'per_query'"):
+        F(kv_residual_mode="newest")
+
+
+F = QuantPlan.from_flags
