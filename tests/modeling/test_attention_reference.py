@@ -174,6 +174,9 @@ CASES = {
     "perquery-kscale-kbias-p8-fold-r3": F(k_bits=3, v_bits=4, p_bits=8, apply_k_scale=True, apply_k_bias=True,
                                           kv_residual_len=3, kv_residual_mode="per_query", k_quant_post_rope=True),
     "perquery-v-only-prerope-r4": F(v_bits=2, kv_residual_len=4, kv_residual_mode="per_query"),
+    "KTVT-k4v4-g8-residual3-postrope-q8-eager": F(k_bits=4, v_bits=4, k_group_size=8, q_bits=8, kv_residual_len=3,
+                                                  k_quant_post_rope=True),
+    "kscale-kbias-prerope-eager": F(k_bits=3, v_bits=3, apply_k_scale=True, apply_k_bias=True),
 }
 
 
@@ -181,8 +184,9 @@ CASES = {
 def test_matches_reference(tiny_models, input_ids, name):
     plan = CASES[name]
     arch, window = ("mistral", 8) if "prerope" in name else ("llama", None)  # Mistral: sliding window 8
-    model = tiny_models(arch, "sdpa", window)
-    reference = _reference_model(tiny_models(arch, "sdpa", window), plan)
+    impl = "eager" if name.endswith("-eager") else "sdpa"  # the model's own attention before attaching
+    model = tiny_models(arch, impl, window)
+    reference = _reference_model(tiny_models(arch, impl, window), plan)
     attach(model, plan)
     with torch.no_grad():
         got, want = model(input_ids).logits, reference(input_ids).logits
