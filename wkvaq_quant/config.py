@@ -188,6 +188,17 @@ class QuantArgs:
                        "weight per_channel has one group per output row (use granularity='per_group')", "-1")
         return g
 
+    # -- per-layer settings ----------------------------------------------------------------
+    def linear_args(self, block: int, layer: str) -> tuple[QuantArgs, QuantArgs]:
+        """(weight, input activation) settings of decoder Linear `layer` ("q_proj" ... "down_proj")
+        in decoder block `block`. Every caller that quantizes a Linear (attach, RTN, GPTQ, AWQ)
+        asks here, so per-layer maps act everywhere at once."""
+        return self.w, self.a
+
+    def block_plan(self, block: int) -> QuantPlan:
+        """The plan the attention of decoder block `block` applies (its Q/K/V/P settings)."""
+        return self
+
     # -- convenience --------------------------------------------------------------------
     @property
     def enabled(self) -> bool:
@@ -400,6 +411,17 @@ class QuantPlan:
             p=make("--p_bits", p_bits, dtype="ufloat", target="prob"),
             kv=kv,
         )
+
+    # -- per-layer settings ----------------------------------------------------------------
+    def linear_args(self, block: int, layer: str) -> tuple[QuantArgs, QuantArgs]:
+        """(weight, input activation) settings of decoder Linear `layer` ("q_proj" ... "down_proj")
+        in decoder block `block`. Every caller that quantizes a Linear (attach, RTN, GPTQ, AWQ)
+        asks here, so per-layer maps act everywhere at once."""
+        return self.w, self.a
+
+    def block_plan(self, block: int) -> QuantPlan:
+        """The plan the attention of decoder block `block` applies (its Q/K/V/P settings)."""
+        return self
 
     # -- convenience --------------------------------------------------------------------
     @property

@@ -24,7 +24,7 @@ from wkvaq_quant.modeling.attention import EAGER, SDPA, STATE_ATTR, LayerState, 
 from wkvaq_quant.modeling.kv import key_stats, quantize_keys
 from wkvaq_quant.quantize import fake_quantize
 
-__all__ = ["AttachHandle", "attach", "decoder_linears", "find_attention_modules"]
+__all__ = ["AttachHandle", "attach", "block_linears", "decoder_blocks", "decoder_linears", "find_attention_modules"]
 
 HANDLE_ATTR = "_wkvaq_handle"
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -54,6 +54,32 @@ def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
             if all(isinstance(getattr(m, n, None), nn.Linear) for n in names):
                 for n in names:
                     out[f"{name}.{n}"] = getattr(m, n)
+    return out
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """Decoder blocks in order: the modules that directly hold an attention module (by structure),
+    sorted by the attention's `layer_idx`."""
+    attn = {id(m): m for m in find_attention_modules(model)}
+    blocks = []
+    for m in model.modules():
+        inner = [c for c in m.children() if id(c) in attn]
+        if inner:
+            blocks.append((inner[0].layer_idx, m))
+    return [m for _, m in sorted(blocks, key=lambda x: x[0])]
+
+
+def block_linears(model: nn.Module) -> list[tuple[int, str, str, nn.Linear]]:
+    """(block index, short name e.g. "down_proj", full module name, Linear) of every decoder Linear."""
+    index = {id(b): i for i, b in enumerate(decoder_blocks(model))}
+    out = []
+    for name, m in model.named_modules():
+        if id(m) not in index:
+            continue
+        for sub_name, sub in m.named_modules():
+            for names in (ATTN_PROJ, MLP_PROJ):
+                if all(isinstance(getattr(sub, n, None), nn.Linear) for n in names):
+                    out += [(index[id(m)], n, f"{name}.{sub_name}.{n}", getattr(sub, n)) for n in names]
     return out
 
 
@@ -120,6 +146,13 @@ def _pre_rope_key_hook(state: LayerState):
     return hook
 
 
+def _input_quantizer(args):
+    def quant_input(_mod: nn.Module, inputs: tuple) -> tuple:
+        return (fake_quantize(inputs[0], args), *inputs[1:])
+
+    return quant_input
+
+
 def attach(model: nn.Module, plan: QuantPlan, keep_originals: bool = True) -> AttachHandle:
     """Apply `plan` to `model`. Attaching the same plan again returns the existing handle.
 
@@ -133,7 +166,6 @@ def attach(model: nn.Module, plan: QuantPlan, keep_originals: bool = True) -> At
             return old
         raise ValueError("the model already has a different QuantPlan attached; call handle.remove() first")
     attn_modules = find_attention_modules(model)
-    linears = decoder_linears(model)
     config = getattr(model, "config", None)
     current = getattr(config, "_attn_implementation", None)
     target = _choose_attention(current, plan) if current is not None else None
@@ -147,29 +179,25 @@ def attach(model: nn.Module, plan: QuantPlan, keep_originals: bool = True) -> At
                          f"--v_group_size {plan.v.group_size} does not cover whole heads (head_dim {head_dim}); "
                          f"allowed: -1 or a multiple of {head_dim}, or --no_fold_v_scale")
     handle = AttachHandle(model=model, plan=plan, attn_implementation=current if target else None)
-    # W: RTN once
-    if plan.w.enabled:
-        with torch.no_grad():
-            for name, lin in linears.items():
+    # W: RTN once; A: inputs of every decoder Linear (settings per block and layer)
+    for block, short, name, lin in block_linears(model):
+        w_args, a_args = plan.linear_args(block, short)
+        if w_args.enabled:
+            with torch.no_grad():
                 if keep_originals:
                     handle._weights[name] = lin.weight.detach().clone()
-                lin.weight.copy_(fake_quantize(lin.weight, plan.w))
-    # A: inputs of every decoder Linear
-    if plan.a.enabled:
-        args = plan.a
-
-        def quant_input(_mod: nn.Module, inputs: tuple) -> tuple:
-            return (fake_quantize(inputs[0], args), *inputs[1:])
-
-        handle._hooks += [lin.register_forward_pre_hook(quant_input) for lin in linears.values()]
+                lin.weight.copy_(fake_quantize(lin.weight, w_args))
+        if a_args.enabled:
+            handle._hooks.append(lin.register_forward_pre_hook(_input_quantizer(a_args)))
     # per-module state; a pre-hook records how many tokens the KV cache already holds
     for m in attn_modules:
-        setattr(m, STATE_ATTR, LayerState(plan=plan))
+        setattr(m, STATE_ATTR, LayerState(plan=plan.block_plan(m.layer_idx)))
         handle._hooks.append(m.register_forward_pre_hook(_track_cache, with_kwargs=True))
     # K before RoPE: on k_proj's output [B, T, Hkv*d]
-    if not plan.kv.k_post_rope and (plan.k.enabled or plan.kv.k_scale or plan.kv.k_bias):
-        handle._hooks += [m.k_proj.register_forward_hook(_pre_rope_key_hook(getattr(m, STATE_ATTR)))
-                          for m in attn_modules]
+    for m in attn_modules:
+        bp = getattr(m, STATE_ATTR).plan
+        if not bp.kv.k_post_rope and (bp.k.enabled or bp.kv.k_scale or bp.kv.k_bias):
+            handle._hooks.append(m.k_proj.register_forward_hook(_pre_rope_key_hook(getattr(m, STATE_ATTR))))
     handle._attn_modules = attn_modules
     if target is not None:
         register_attention_functions()
