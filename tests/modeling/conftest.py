@@ -41,3 +41,12 @@ def tiny_models():
 def input_ids():
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, 97, (2, 24), generator=g)
+
+
+@pytest.fixture(autouse=True)
+def small_eager_blocks(monkeypatch):
+    """Blocks of 5 query rows, so the 24-token test prompts run the eager attention's blocking
+    and key-range skipping (blocks of a causal or sliding-window mask)."""
+    from wkvaq_quant.modeling import attention
+
+    monkeypatch.setattr(attention, "EAGER_BLOCK_ROWS", 5)

@@ -88,6 +88,50 @@ def wkvaq_sdpa_attention(module: nn.Module, query: Tensor, key: Tensor, value: T
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
+EAGER_BLOCK_ROWS = 64
+"""Query rows per block of the eager attention. One block's scores, softmax and P
+quantization stay in cache, and keys that the mask hides from a whole block (the future, under
+a causal mask; outside a sliding window) are skipped, which halves the work of a causal prompt.
+The probabilities of all rows are never materialized at once, so `wkvaq_eager` returns no
+attention weights (`output_attentions` gives None)."""
+
+
+def _key_range(mask_rows: Tensor | None, t_k: int) -> tuple[int, int]:
+    """[lo, hi): the keys that at least one of these query rows may see (all keys without a mask,
+    or when no key is visible at all, so that fully masked rows behave as in eager attention)."""
+    if mask_rows is None:
+        return 0, t_k
+    visible = mask_rows if mask_rows.dtype == torch.bool else mask_rows > torch.finfo(mask_rows.dtype).min
+    cols = visible.reshape(-1, t_k).any(dim=0).nonzero()
+    if cols.numel() == 0:
+        return 0, t_k
+    return int(cols[0]), int(cols[-1]) + 1
+
+
+def _blocked(query: Tensor, t_k: int, attention_mask: Tensor | None, block_fn) -> Tensor:
+    """Run `block_fn(i0, i1, lo, hi, mask)` -> [B, H, i1-i0, d] over blocks of query rows and
+    return the output in transformers' layout [B, Tq, H, d]."""
+    b, h, t_q, _ = query.shape
+    if attention_mask is not None:
+        attention_mask = attention_mask[:, :, :, :t_k]
+    out = None
+    for i0 in range(0, t_q, EAGER_BLOCK_ROWS):
+        i1 = min(i0 + EAGER_BLOCK_ROWS, t_q)
+        m = None if attention_mask is None else attention_mask[:, :, i0:i1]
+        lo, hi = _key_range(m, t_k)
+        o = block_fn(i0, i1, lo, hi, None if m is None else m[..., lo:hi])
+        if out is None:
+            out = o.new_empty(b, t_q, h, o.shape[-1])
+        out[:, i0:i1] = o.transpose(1, 2)
+    return out
+
+
+def _softmax(scores: Tensor, mask: Tensor | None, dtype: torch.dtype) -> Tensor:
+    if mask is not None:
+        scores = scores + mask if mask.dtype != torch.bool else scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+
+
 def _recent_mask(plan: QuantPlan, t_q: int, t_k: int, device: torch.device) -> Tensor:
     """[Tq, T] bool: key j is among query i's `residual_len` newest tokens (the last query is
     the last key). KCVT keys: a token stays full precision until its whole token group is old."""
@@ -100,7 +144,7 @@ def _recent_mask(plan: QuantPlan, t_q: int, t_k: int, device: torch.device) -> T
 
 
 def _per_query_attention(module: nn.Module, state: LayerState, query: Tensor, key: Tensor, value: Tensor,
-                         attention_mask: Tensor | None, scaling: float, dropout: float) -> tuple[Tensor, Tensor]:
+                         attention_mask: Tensor | None, scaling: float, dropout: float) -> tuple[Tensor, None]:
     """Eager attention where every query reads its newest R tokens in full precision.
 
     Scores and outputs are computed from both the quantized and the full-precision K / V and
@@ -120,53 +164,61 @@ def _per_query_attention(module: nn.Module, state: LayerState, query: Tensor, ke
     fold = plan.folds_v_scale
     value_q, u, s_v = quantize_values(value, all_q, with_scale=fold)
     query = quantize_query(query, plan, s)
-    recent = _recent_mask(plan, query.shape[2], key.shape[2], query.device)  # [Tq, T]
+    t_q, t_k = query.shape[2], key.shape[2]
+    recent = _recent_mask(plan, t_q, t_k, query.device)  # [Tq, T]
+    key_fp, key_q = _repeat_kv(key_fp, n_rep), _repeat_kv(key_q, n_rep)
+    value, value_q = _repeat_kv(value, n_rep), _repeat_kv(u if fold else value_q, n_rep)
+    s_q = _repeat_kv(s_v[..., None], n_rep).transpose(2, 3) if fold else None  # [B, Hkv, T, 1] -> [B, H, 1, T]
 
-    scores_fp = torch.matmul(query, _repeat_kv(key_fp, n_rep).transpose(2, 3))
-    scores_q = torch.matmul(query, _repeat_kv(key_q, n_rep).transpose(2, 3))
-    attn_weights = torch.where(recent, scores_fp, scores_q) * scaling
-    if attention_mask is not None:
-        attn_weights = attn_weights + attention_mask
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    if fold:  # old tokens: P * s_v against U; recent tokens: P against V
-        s_q = _repeat_kv(s_v[..., None], n_rep).transpose(2, 3)  # [B, Hkv, T, 1] -> [B, H, 1, T]
-        attn_weights = torch.where(recent, attn_weights, (attn_weights * s_q).to(query.dtype))
-        value_q = u
-    if plan.p.enabled:
-        attn_weights = fake_quantize(attn_weights, plan.p)
-    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
-    zero = torch.zeros((), dtype=attn_weights.dtype, device=attn_weights.device)
-    attn_output = (torch.matmul(torch.where(recent, attn_weights, zero), _repeat_kv(value, n_rep))
-                   + torch.matmul(torch.where(recent, zero, attn_weights), _repeat_kv(value_q, n_rep)))
-    return attn_output.transpose(1, 2).contiguous(), attn_weights
+    def block(i0: int, i1: int, lo: int, hi: int, mask: Tensor | None) -> Tensor:
+        q, rec = query[:, :, i0:i1], recent[i0:i1, lo:hi]
+        scores = torch.where(rec, torch.matmul(q, key_fp[:, :, lo:hi].transpose(2, 3)),
+                             torch.matmul(q, key_q[:, :, lo:hi].transpose(2, 3))) * scaling
+        p = _softmax(scores, mask, query.dtype)
+        if fold:  # old tokens: P * s_v against U; recent tokens: P against V
+            p = torch.where(rec, p, (p * s_q[..., lo:hi]).to(query.dtype))
+        if plan.p.enabled:
+            p = fake_quantize(p, plan.p)
+        p = nn.functional.dropout(p, p=dropout, training=module.training)
+        zero = torch.zeros((), dtype=p.dtype, device=p.device)
+        return (torch.matmul(torch.where(rec, p, zero), value[:, :, lo:hi])
+                + torch.matmul(torch.where(rec, zero, p), value_q[:, :, lo:hi]))
+
+    return _blocked(query, t_k, attention_mask, block), None
 
 
 def wkvaq_eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                           attention_mask: Tensor | None, scaling: float, dropout: float = 0.0,
-                          **kwargs) -> tuple[Tensor, Tensor]:
+                          **kwargs) -> tuple[Tensor, None]:
+    """Eager attention (Llama's `eager_attention_forward` math) in blocks of query rows, with
+    the module's Q / K / V / P quantization; see EAGER_BLOCK_ROWS."""
     state: LayerState | None = getattr(module, STATE_ATTR, None)
     plan = state.plan if state is not None else None
-    if plan is not None and plan.kv.per_query_residual and not (plan.kv.post_attn and state.prefill):
+    if plan is None or not plan.quantizes_attention:  # nothing to quantize: transformers' own eager math
+        from transformers.models.llama.modeling_llama import eager_attention_forward
+
+        return eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                       **kwargs)
+    if plan.kv.per_query_residual and not (plan.kv.post_attn and state.prefill):
         return _per_query_attention(module, state, query, key, value, attention_mask, scaling, dropout)
-    fold = plan is not None and plan.folds_v_scale
-    query, key, value, u, s_v = quantize_qkv(module, query, key, value, fold=fold)
+    query, key, value, u, s_v = quantize_qkv(module, query, key, value, fold=plan.folds_v_scale)
     fold = u is not None  # no fold while a prompt attends in full precision (--kv_quant_post_attn)
+    quant_p = plan.p.enabled
     n_rep = module.num_key_value_groups
     key_states, value_states = _repeat_kv(key, n_rep), _repeat_kv(u if fold else value, n_rep)
+    s_q = _repeat_kv(s_v[..., None], n_rep).transpose(2, 3) if fold else None  # [B, Hkv, T, 1] -> [B, H, 1, T]
 
-    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        attn_weights = attn_weights + attention_mask
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    if fold:  # P' = P * s_v (s_v of each key token, repeated over the GQA groups); out = Q(P') . U
-        s_q = _repeat_kv(s_v[..., None], n_rep).transpose(2, 3)  # [B, Hkv, T, 1] -> [B, H, 1, T]
-        attn_weights = fake_quantize((attn_weights * s_q).to(query.dtype), plan.p)
-    elif plan is not None and plan.p.enabled:
-        attn_weights = fake_quantize(attn_weights, plan.p)
-    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
-    attn_output = torch.matmul(attn_weights, value_states)
-    attn_output = attn_output.transpose(1, 2).contiguous()
-    return attn_output, attn_weights
+    def block(i0: int, i1: int, lo: int, hi: int, mask: Tensor | None) -> Tensor:
+        scores = torch.matmul(query[:, :, i0:i1], key_states[:, :, lo:hi].transpose(2, 3)) * scaling
+        p = _softmax(scores, mask, query.dtype)
+        if fold:  # P' = P * s_v (s_v of each key token, repeated over the GQA groups); out = Q(P') . U
+            p = (p * s_q[..., lo:hi]).to(query.dtype)
+        if quant_p:
+            p = fake_quantize(p, plan.p)
+        p = nn.functional.dropout(p, p=dropout, training=module.training)
+        return torch.matmul(p, value_states[:, :, lo:hi])
+
+    return _blocked(query, key_states.shape[2], attention_mask, block), None
 
 
 def register_attention_functions() -> None:
