@@ -166,6 +166,8 @@ def attach(model: nn.Module, plan: QuantPlan, keep_originals: bool = True) -> At
             return old
         raise ValueError("the model already has a different QuantPlan attached; call handle.remove() first")
     attn_modules = find_attention_modules(model)
+    if plan.layers is not None:
+        plan.layers.check_depth(len(decoder_blocks(model)))
     config = getattr(model, "config", None)
     current = getattr(config, "_attn_implementation", None)
     target = _choose_attention(current, plan) if current is not None else None
