@@ -298,7 +298,7 @@ def _section_changes(value: Any, where: str, section: str) -> tuple[tuple[str, A
 
 def _resolve_section(base: QuantArgs, changes: tuple[tuple[str, Any], ...], where: str) -> QuantArgs:
     """`base` refined by a section's changes (an act section in INT is symmetric unless told)."""
-    c = dict(changes)
+    c = {**dict(changes), "zero_point": None}  # follows dtype and symmetric (llmc has no key for it)
     if base.target == "activation" and "symmetric" not in c and c.get("dtype", base.dtype) == "int" \
             and base.dtype != "int":
         c["symmetric"] = True

@@ -96,7 +96,7 @@ class RunConfig:
         return "-".join(parts) + f"-{digest}"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "plan": self.plan.to_dict()}
 
 
 def _check_device(device: str) -> None:
