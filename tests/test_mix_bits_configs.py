@@ -123,3 +123,20 @@ def test_configs_are_refused_past_the_model_depth():
                                          r"names block\(s\) 30, 31, but the model has 30 blocks; allowed: 0..29"):
         plan.layers.check_depth(30)
     plan.layers.check_depth(32)
+
+
+def test_bitmod_fp8_kv_edges_config(llama32):
+    """Config 5: BitMoD W4 / FP8 A everywhere, INT8 down_proj, KV8 in blocks 0, 1, 30, 31 over flags' KV4."""
+    flags = QuantPlan.from_flags(k_bits=4, v_bits=4, k_group_size=8, v_group_size=8)
+    plan = load_quant_config(CONFIGS / "w4bitmod_a8fp8_kv_edges8.yml").apply(flags)
+    plan.layers.check_depth(len(decoder_blocks(llama32)))
+    fp8 = QuantArgs(bits=8, dtype="fp8_e4m3", granularity="per_token", target="activation")
+    bitmod4 = (QuantArgs(bits=4, dtype="bitmod", group_size=128, target="weight"), fp8)
+    int8 = (QuantArgs(bits=8, dtype="int", group_size=128, symmetric=False, target="weight"), fp8)
+    kv8 = [0, 1, 30, 31]  # written out: the blocks whose KV cache stays at 8 bits
+    for block, short, _, _ in block_linears(llama32):
+        assert plan.linear_args(block, short) == (int8 if short == "down_proj" else bitmod4), (block, short)
+    for block in range(32):
+        bits = 8 if block in kv8 else 4
+        ref = QuantPlan.from_flags(k_bits=bits, v_bits=bits, k_group_size=8, v_group_size=8)
+        assert (plan.block_plan(block).k, plan.block_plan(block).v) == (ref.k, ref.v), block
