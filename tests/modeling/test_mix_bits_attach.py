@@ -138,3 +138,10 @@ def test_attach_refuses_a_map_past_the_depth(tiny_models):
     with pytest.raises(ValueError, match=r"setting 's': layer_name entry 'o_proj#0-2' names block\(s\) 2, but the "
                                          r"model has 2 blocks; allowed: 0..1"):
         attach(tiny_models(), plan)
+
+
+def test_attach_checks_the_v_fold_of_every_block(tiny_models):
+    plan = _plan("quant:\n  mix_bits:\n    s:\n      layer_name: [v_proj#1]\n      v_bits: 4\n",
+                 QuantPlan.from_flags(p_bits=8, v_group_size=24))
+    with pytest.raises(ValueError, match="--v_group_size 24 does not cover whole heads \\(head_dim 16\\)"):
+        attach(tiny_models(), plan)
