@@ -182,3 +182,12 @@ def test_plan_properties_slug_and_dict_account_for_the_map():
                    ).apply(QuantPlan())
     assert other.slug() != only_map.slug() and hash(other) != hash(only_map)
     assert RunConfig(model="m", plan=other).slug() != RunConfig(model="m", plan=only_map).slug()
+
+
+def test_kv_bits_for_every_block_turn_the_attention_on():
+    plan = _resolve("quant:\n  mix_bits:\n    all:\n      layer_name: [k_proj]\n      k_bits: 4\n      v_bits: 2\n")
+    assert plan.quantizes_attention and not plan.is_full_precision and not plan.needs_eager
+    assert plan.block_plan(7) == QuantPlan.from_flags(k_bits=4, v_bits=2)
+    p8 = _parse("quant:\n  mix_bits:\n    all:\n      layer_name: [k_proj]\n      k_bits: 4\n"
+                ).apply(QuantPlan.from_flags(kv_residual_len=4, kv_residual_mode="per_query", k_quant_post_rope=True))
+    assert p8.needs_eager

@@ -451,9 +451,7 @@ class QuantPlan:
         return dataclasses.replace(self, k=k, v=v, layers=None)
 
     def _attention_plans(self) -> list[QuantPlan]:
-        """One plan per distinct attention setting among the blocks (just this one without a KV map)."""
-        if self.layers is None or not self.layers.has_kv:
-            return [self]
+        """One plan per distinct attention setting among the blocks (needs a KV map)."""
         return [self.block_plan(b) for b in self.layers.blocks_named()]
 
     def _quantizes_linears(self) -> bool:
@@ -466,15 +464,15 @@ class QuantPlan:
     @property
     def needs_eager(self) -> bool:
         """True when the attention must run eagerly (quantized P, per-query residual) in some block."""
-        if len(plans := self._attention_plans()) > 1:
-            return any(p.needs_eager for p in plans)
+        if self.layers is not None and self.layers.has_kv:  # block plans carry no map
+            return any(p.needs_eager for p in self._attention_plans())
         return self.p.enabled or (self.kv.per_query_residual and (self.k.enabled or self.v.enabled))
 
     @property
     def quantizes_attention(self) -> bool:
         """True when anything inside the attention function changes (Q, K, V, P or a K transform)."""
-        if len(plans := self._attention_plans()) > 1:
-            return any(p.quantizes_attention for p in plans)
+        if self.layers is not None and self.layers.has_kv:  # block plans carry no map
+            return any(p.quantizes_attention for p in self._attention_plans())
         return any(x.enabled for x in (self.q, self.k, self.v, self.p)) or self.kv.k_scale or self.kv.k_bias
 
     @property
