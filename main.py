@@ -8,12 +8,15 @@ from wkvaq_quant.cli import parse_config
 from wkvaq_quant.data import DataUnavailableError
 from wkvaq_quant.eval.ppl import NonFiniteLossError
 from wkvaq_quant.models import UnknownModelError
-from wkvaq_quant.run import format_table, run
+from wkvaq_quant.run import format_table, run, show_plan
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
     try:
+        if cfg.show_plan:
+            print(show_plan(cfg))
+            return 0
         record = run(cfg)
     except (ValueError, DataUnavailableError, NonFiniteLossError, UnknownModelError) as err:
         print(f"error: {err}", file=sys.stderr)

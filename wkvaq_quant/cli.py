@@ -6,10 +6,11 @@ import argparse
 
 from .config import A_DTYPES, KV_METHODS, RESIDUAL_MODES, W_DTYPES, QuantPlan
 from .data import CALIB_DATASETS, EVAL_DATASETS
+from .mix_bits import load_quant_config
 from .models import DTYPES, EMBEDDED_MODEL
 from .run import ATTN_IMPLEMENTATIONS, DEVICES, RunConfig
 
-__all__ = ["build_parser", "parse_config", "add_calib_args", "add_quant_args", "plan_from_args"]
+__all__ = ["build_parser", "parse_config", "add_calib_args", "add_quant_args", "explicit_flags", "plan_from_args"]
 
 
 def _positive_int(flag: str):
@@ -67,6 +68,17 @@ def add_quant_args(parser: argparse.ArgumentParser) -> None:
                         "over the model's before quantizing")
     g.add_argument("--no_fold_v_scale", dest="fold_v_scale", action="store_false",
                    help="with --p_bits and --v_bits: quantize P itself instead of P times V's per-token scale")
+    g.add_argument("--config", default=None,
+                   help="llmc-style YAML (quant: method, weight, act, mix_bits): per-layer settings refining the flags")
+    g.add_argument("--show_plan", action="store_true",
+                   help="print the resolved block x layer table of W/A (and KV) settings and stop")
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict:
+    """The flags given on the command line (dest -> value), defaults left out."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
 
 
 def plan_from_args(args: argparse.Namespace) -> QuantPlan:
@@ -111,6 +123,15 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        plan, method = plan_from_args(args), "RTN"
+        if args.config:
+            quant = load_quant_config(args.config)
+            method = quant.method
+            if method != "RTN" and not args.show_plan:
+                raise ValueError(f"--config {args.config}: quant.method {method} is not available in main.py yet "
+                                 f"({method} runs through its own entry point); main.py runs quant.method: RTN "
+                                 f"(--show_plan prints the plan of any method)")
+            plan = quant.apply(plan, explicit_flags(build_parser(), argv))
         return RunConfig(
             model=args.model,
             datasets=[d.strip() for d in args.datasets.split(",") if d.strip()],
@@ -125,8 +146,11 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
             overwrite=args.overwrite,
             trust_remote_code=args.trust_remote_code,
             progress=not args.no_progress,
-            plan=plan_from_args(args),
+            plan=plan,
             awq_model_path_lp=args.awq_model_path_lp,
+            config_file=args.config,
+            weight_method=method,
+            show_plan=args.show_plan,
         )
     except ValueError as err:
         parser.error(str(err))

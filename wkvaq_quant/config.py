@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wkvaq_quant.formats import available_formats, get_format
+
+if TYPE_CHECKING:
+    from wkvaq_quant.mix_bits import LayerMap
 
 __all__ = [
     "A_DTYPES",
@@ -22,6 +25,7 @@ __all__ = [
     "KV_METHODS",
     "RESIDUAL_MODES",
     "KVArgs",
+    "LINEAR_NAMES",
     "QuantArgs",
     "QuantPlan",
     "TARGETS",
@@ -188,17 +192,6 @@ class QuantArgs:
                        "weight per_channel has one group per output row (use granularity='per_group')", "-1")
         return g
 
-    # -- per-layer settings ----------------------------------------------------------------
-    def linear_args(self, block: int, layer: str) -> tuple[QuantArgs, QuantArgs]:
-        """(weight, input activation) settings of decoder Linear `layer` ("q_proj" ... "down_proj")
-        in decoder block `block`. Every caller that quantizes a Linear (attach, RTN, GPTQ, AWQ)
-        asks here, so per-layer maps act everywhere at once."""
-        return self.w, self.a
-
-    def block_plan(self, block: int) -> QuantPlan:
-        """The plan the attention of decoder block `block` applies (its Q/K/V/P settings)."""
-        return self
-
     # -- convenience --------------------------------------------------------------------
     @property
     def enabled(self) -> bool:
@@ -234,6 +227,8 @@ forward). per_query: every query sees its own R most recent tokens in full preci
 decoder with a full-precision residual buffer computes)."""
 """KTVT: K and V per token. KCVT: K per channel over groups of tokens (KIVI), V per token."""
 W_DTYPES = ("int", "bitmod", "fp4_e2m1")
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""Short names of the decoder Linears that per-layer settings address."""
 A_DTYPES = ("fp8_e4m3", "int")
 
 
@@ -293,6 +288,9 @@ def _off(target: str, dtype: str = "int", **kw: Any) -> QuantArgs:
     return QuantArgs(bits=FULL_PRECISION_BITS, dtype=dtype, target=target, **kw)
 
 
+_W_OFF, _A_OFF = _off("weight"), _off("activation", "fp8_e4m3")
+
+
 @dataclass(frozen=True)
 class QuantPlan:
     """Everything `modeling.attach` applies to a model.
@@ -305,19 +303,26 @@ class QuantPlan:
     v: values per token, groups over the flattened heads*head_dim.
     p: attention probabilities after softmax (ufloat).
     kv: KV-cache options (method, residual, k-scale, k-bias, pre/post-RoPE keys).
+    layers: per-layer settings (an llmc `mix_bits` map, see mix_bits.py) refining w / a per
+       (block, Linear) and k / v bits per block; None: the same settings everywhere.
 
     Build it from P3-LLM's flags with `QuantPlan.from_flags(...)`.
     """
 
-    w: QuantArgs = field(default_factory=lambda: _off("weight"))
-    a: QuantArgs = field(default_factory=lambda: _off("activation", "fp8_e4m3"))
+    w: QuantArgs = _W_OFF
+    a: QuantArgs = _A_OFF
     q: QuantArgs = field(default_factory=lambda: _off("query", "fp8_e4m3"))
     k: QuantArgs = field(default_factory=lambda: _off("key", zero_point="float"))
     v: QuantArgs = field(default_factory=lambda: _off("value", zero_point="float"))
     p: QuantArgs = field(default_factory=lambda: _off("prob", "ufloat"))
     kv: KVArgs = field(default_factory=KVArgs)
+    layers: LayerMap | None = None
 
     def __post_init__(self) -> None:
+        from wkvaq_quant.mix_bits import LayerMap  # mix_bits builds on this module
+
+        if self.layers is not None and not isinstance(self.layers, LayerMap):
+            raise ValueError(f"QuantPlan.layers must be a LayerMap or None, got {type(self.layers).__name__}")
         for name, target in (("w", "weight"), ("a", "activation"), ("q", "query"), ("k", "key"),
                              ("v", "value"), ("p", "prob")):
             args = getattr(self, name)
@@ -371,6 +376,18 @@ class QuantPlan:
                 raise ValueError(f"--kv_residual_len {kv.residual_len} with --kv_quant_method KCVT needs a token "
                                  f"group (--k_group_size > 0) that divides it; allowed: --k_group_size 32, 64, 128, ...")
 
+        if self.layers is not None and self.layers.has_kv:
+            for block in self.layers.blocks_named():
+                k_set, v_set = self.layers.kv_settings(block)
+                if k_set is None and v_set is None:
+                    continue
+                try:
+                    self.block_plan(block)
+                except ValueError as err:
+                    names = " / ".join(sorted({s.name for s in (k_set, v_set) if s is not None}))
+                    raise ValueError(f"mix_bits setting {names!r}: k_bits / v_bits of block "
+                                     f"{'(any)' if block < 0 else block}: {err}") from None
+
     # -- construction from P3-LLM's flags --------------------------------------------------
     @classmethod
     def from_flags(
@@ -417,21 +434,45 @@ class QuantPlan:
         """(weight, input activation) settings of decoder Linear `layer` ("q_proj" ... "down_proj")
         in decoder block `block`. Every caller that quantizes a Linear (attach, RTN, GPTQ, AWQ)
         asks here, so per-layer maps act everywhere at once."""
-        return self.w, self.a
+        setting = None if self.layers is None else self.layers.linear_setting(block, layer)
+        if setting is None:
+            return self.w, self.a
+        if not setting.do_quant:
+            return _W_OFF, _A_OFF
+        return setting.w, setting.a if setting.a is not None else _A_OFF
 
     def block_plan(self, block: int) -> QuantPlan:
         """The plan the attention of decoder block `block` applies (its Q/K/V/P settings)."""
-        return self
+        if self.layers is None:
+            return self
+        k_set, v_set = self.layers.kv_settings(block)
+        k = self.k if k_set is None else self.k.replace(bits=k_set.k_bits)
+        v = self.v if v_set is None else self.v.replace(bits=v_set.v_bits)
+        return dataclasses.replace(self, k=k, v=v, layers=None)
+
+    def _attention_plans(self) -> list[QuantPlan]:
+        """One plan per distinct attention setting among the blocks (needs a KV map)."""
+        return [self.block_plan(b) for b in self.layers.blocks_named()]
+
+    def _quantizes_linears(self) -> bool:
+        if self.layers is None:
+            return self.w.enabled or self.a.enabled
+        return any(x.enabled for block in self.layers.blocks_named() for layer in LINEAR_NAMES
+                   for x in self.linear_args(block, layer))
 
     # -- convenience --------------------------------------------------------------------
     @property
     def needs_eager(self) -> bool:
-        """True when the attention must run eagerly (quantized P, per-query residual)."""
+        """True when the attention must run eagerly (quantized P, per-query residual) in some block."""
+        if self.layers is not None and self.layers.has_kv:  # block plans carry no map
+            return any(p.needs_eager for p in self._attention_plans())
         return self.p.enabled or (self.kv.per_query_residual and (self.k.enabled or self.v.enabled))
 
     @property
     def quantizes_attention(self) -> bool:
         """True when anything inside the attention function changes (Q, K, V, P or a K transform)."""
+        if self.layers is not None and self.layers.has_kv:  # block plans carry no map
+            return any(p.quantizes_attention for p in self._attention_plans())
         return any(x.enabled for x in (self.q, self.k, self.v, self.p)) or self.kv.k_scale or self.kv.k_bias
 
     @property
@@ -442,7 +483,7 @@ class QuantPlan:
     @property
     def is_full_precision(self) -> bool:
         """True when attaching changes no number at all."""
-        return not (self.w.enabled or self.a.enabled or self.quantizes_attention)
+        return not (self._quantizes_linears() or self.quantizes_attention)
 
     def slug(self) -> str:
         """Readable summary of the enabled settings, e.g. `w4g128-a8fp8-q8-k4v4-KTVT-r32-ks`."""
@@ -475,7 +516,13 @@ class QuantPlan:
                 parts.append("kbias")
         if p.enabled:
             parts.append(f"p{p.bits}" + ("" if kv.fold_v_scale or not v.enabled else "nofold"))
+        if self.layers is not None:
+            parts.append(f"mix{self.layers.digest()}")
         return "-".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(dataclasses.replace(self, layers=None))
+        d.pop("layers")  # plans without a map keep their earlier dict (and result slugs)
+        if self.layers is not None:
+            d["layers"] = self.layers.to_dict()
+        return d

@@ -27,6 +27,7 @@ __all__ = [
     "ensure_embedded_model",
     "load_tokenizer",
     "load_model",
+    "model_depth",
     "DTYPES",
 ]
 
@@ -258,3 +259,17 @@ def load_model(
     )
     model.to(device).eval()
     return model, time.perf_counter() - start
+
+
+def model_depth(source: ModelSource, trust_remote_code: bool = False) -> int:
+    """Number of decoder blocks (`num_hidden_layers`) from the checkpoint's config, without loading weights."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(_pretrained_path(source), trust_remote_code=trust_remote_code,
+                                        local_files_only=source.local_files_only)
+    config = getattr(config, "text_config", None) or config
+    depth = getattr(config, "num_hidden_layers", None)
+    if not isinstance(depth, int):
+        raise ValueError(f"--model {source.name!r}: its config has no num_hidden_layers, so per-layer settings "
+                         f"cannot be checked against its depth")
+    return depth

@@ -15,10 +15,12 @@ from .data import EVAL_DATASETS, check_datasets, get_eval_windows
 from .eval.ppl import evaluate_perplexity
 from .modeling import attach
 from .modeling.checkpoint import check_checkpoint, load_checkpoint_weights
-from .models import DTYPES, check_model_available, load_model, load_tokenizer, resolve_model
+from .mix_bits import METHODS
+from .models import DTYPES, ModelSource, check_model_available, load_model, load_tokenizer, model_depth, resolve_model
+from .plan_table import format_plan
 from .results import atomic_write_json, environment_versions, now_iso, read_result, result_path
 
-__all__ = ["RunConfig", "run", "ATTN_IMPLEMENTATIONS", "DEVICES"]
+__all__ = ["RunConfig", "run", "show_plan", "ATTN_IMPLEMENTATIONS", "DEVICES"]
 
 DEVICES = ("cpu", "cuda")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -45,6 +47,9 @@ class RunConfig:
     progress: bool = True
     plan: QuantPlan = field(default_factory=QuantPlan)
     awq_model_path_lp: str | None = None  # weights of a fake-quantized checkpoint, loaded over the model's
+    config_file: str | None = None  # the llmc-style YAML the plan was refined by (--config)
+    weight_method: str = "RTN"  # weight algorithm (the YAML's quant.method); main.py runs RTN
+    show_plan: bool = False  # print the resolved per-layer plan and stop (--show_plan)
 
     def __post_init__(self) -> None:
         if not isinstance(self.plan, QuantPlan):
@@ -67,6 +72,8 @@ class RunConfig:
             raise ValueError(f"--device {self.device!r}: allowed values are {', '.join(DEVICES)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: allowed values are {', '.join(DTYPES)}")
+        if self.weight_method not in METHODS:
+            raise ValueError(f"quant.method {self.weight_method!r}: allowed values are {', '.join(METHODS)}")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"--attn_implementation {self.attn_implementation!r}: allowed values are "
                              f"{', '.join(ATTN_IMPLEMENTATIONS)}")
@@ -89,12 +96,32 @@ class RunConfig:
         return "-".join(parts) + f"-{digest}"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "plan": self.plan.to_dict()}
 
 
 def _check_device(device: str) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here (use --device cpu)")
+
+
+def _check_depth(cfg: RunConfig, source: ModelSource) -> int:
+    """The model's depth (from its config, no weights); block indices in the plan's map must fit it."""
+    depth = model_depth(source, cfg.trust_remote_code)
+    if cfg.plan.layers is not None:
+        try:
+            cfg.plan.layers.check_depth(depth)
+        except ValueError as err:
+            raise ValueError(f"--config {cfg.config_file} on --model {cfg.model}: {err}") from None
+    return depth
+
+
+def show_plan(cfg: RunConfig) -> str:
+    """`--show_plan`: the resolved W/A (and KV) settings of every block of the model, as a table."""
+    source = check_model_available(resolve_model(cfg.model))
+    depth = _check_depth(cfg, source)
+    head = (f"plan {cfg.plan.slug()} on {source.name} ({depth} blocks), weight method {cfg.weight_method}"
+            + (f", from {cfg.config_file}" if cfg.config_file else ""))
+    return head + "\n" + format_plan(cfg.plan, depth)
 
 
 def run(cfg: RunConfig, log=print) -> dict:
@@ -106,6 +133,8 @@ def run(cfg: RunConfig, log=print) -> dict:
     started = time.perf_counter()
     source = check_model_available(resolve_model(cfg.model))
     _check_device(cfg.device)
+    if cfg.plan.layers is not None:
+        _check_depth(cfg, source)
     if cfg.awq_model_path_lp:
         check_checkpoint(cfg.awq_model_path_lp)
     text_sources = check_datasets(cfg.datasets, cfg.data_dir)

@@ -166,6 +166,8 @@ def attach(model: nn.Module, plan: QuantPlan, keep_originals: bool = True) -> At
             return old
         raise ValueError("the model already has a different QuantPlan attached; call handle.remove() first")
     attn_modules = find_attention_modules(model)
+    if plan.layers is not None:
+        plan.layers.check_depth(len(decoder_blocks(model)))
     config = getattr(model, "config", None)
     current = getattr(config, "_attn_implementation", None)
     target = _choose_attention(current, plan) if current is not None else None
@@ -174,10 +176,11 @@ def attach(model: nn.Module, plan: QuantPlan, keep_originals: bool = True) -> At
                          f"not dispatch through transformers' AttentionInterface")
 
     head_dim = attn_modules[0].head_dim
-    if plan.folds_v_scale and plan.v.group_size != -1 and plan.v.group_size % head_dim:
-        raise ValueError(f"--p_bits {plan.p.bits} with the V-scale fold needs every head inside one V scale group: "
-                         f"--v_group_size {plan.v.group_size} does not cover whole heads (head_dim {head_dim}); "
-                         f"allowed: -1 or a multiple of {head_dim}, or --no_fold_v_scale")
+    for bp in {plan.block_plan(m.layer_idx) for m in attn_modules}:
+        if bp.folds_v_scale and bp.v.group_size != -1 and bp.v.group_size % head_dim:
+            raise ValueError(f"--p_bits {bp.p.bits} with the V-scale fold needs every head inside one V scale group: "
+                             f"--v_group_size {bp.v.group_size} does not cover whole heads (head_dim {head_dim}); "
+                             f"allowed: -1 or a multiple of {head_dim}, or --no_fold_v_scale")
     handle = AttachHandle(model=model, plan=plan, attn_implementation=current if target else None)
     # W: RTN once; A: inputs of every decoder Linear (settings per block and layer)
     for block, short, name, lin in block_linears(model):

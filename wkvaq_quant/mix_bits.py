@@ -1,0 +1,435 @@
+"""llmc's `quant:` YAML section (with `mix_bits`) -> validated per-layer settings.
+
+Two steps, because a setting refines the global defaults and those may come from flags:
+
+1. `load_quant_config(path)` reads and checks the file (`LlmcQuant`): every key is known,
+   every layer name exists, bits and granularities are supported; nothing is ignored.
+2. `LlmcQuant.apply(plan, explicit)` refines a flag-built `QuantPlan`: the YAML's global
+   `weight` / `act` sections replace the flags' (an explicit flag that disagrees is an error),
+   and the settings become the plan's ordered `LayerMap` (the later setting wins on overlap).
+
+A setting's `weight` / `act` keys that are not given are taken from the global section
+(the YAML's, else the flags'; a global that is off contributes llmc's defaults: INT,
+asymmetric weights, symmetric per-token activations).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from wkvaq_quant.config import A_DTYPES, FULL_PRECISION_BITS, LINEAR_NAMES, W_DTYPES, QuantArgs, QuantPlan
+
+__all__ = [
+    "LINEAR_NAMES",
+    "METHODS",
+    "LayerMap",
+    "LayerTarget",
+    "LlmcQuant",
+    "MixSetting",
+    "load_quant_config",
+    "parse_quant_config",
+]
+
+METHODS = ("RTN", "Awq", "Gptq")
+"""Weight algorithms, in llmc's spelling (matched case-insensitively)."""
+GENERIC_BLOCK = -1
+"""Stands for "a block that no `#` list names" when asking the map (`LayerMap.blocks_named`)."""
+
+_TOP_KEYS = ("quant",)
+_QUANT_KEYS = ("method", "weight", "act", "mix_bits")
+_SETTING_KEYS = ("layer_name", "do_quant", "weight", "act", "k_bits", "v_bits")
+_SECTION_KEYS = ("bit", "symmetric", "granularity", "group_size", "dtype")
+_GRANULARITIES = {"weight": ("per_channel", "per_group", "per_tensor"), "act": ("per_token",)}
+_DTYPES = {"weight": W_DTYPES, "act": A_DTYPES}
+# llmc's defaults for a section's missing keys when there is no enabled global to refine
+_LLMC_BASE = {
+    "weight": QuantArgs(bits=FULL_PRECISION_BITS, dtype="int", target="weight"),
+    "act": QuantArgs(bits=FULL_PRECISION_BITS, dtype="int", symmetric=True, target="activation"),
+}
+# flag dest -> (section, llmc key, QuantArgs field): flags that the YAML's global sections also set
+_FLAG_KEYS = {
+    "w_bits": ("weight", "bit", "bits"), "w_group_size": ("weight", "group_size", "group_size"),
+    "w_dtype": ("weight", "dtype", "dtype"), "a_bits": ("act", "bit", "bits"),
+    "a_group_size": ("act", "group_size", "group_size"), "a_dtype": ("act", "dtype", "dtype"),
+}
+
+
+def _allowed(values: Any) -> str:
+    return ", ".join(repr(v) for v in values)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# ---------------------------------------------------------------------------------------
+# The map QuantPlan holds: ordered settings with resolved QuantArgs
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerTarget:
+    """One `layer_name` entry: `down_proj#13-21` is down_proj in blocks 13 and 21 (a list, not a
+    range); no `#` (blocks=None) means every block."""
+
+    layer: str
+    blocks: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.layer not in LINEAR_NAMES:
+            raise ValueError(f"unknown layer name {self.layer!r}; allowed: {_allowed(LINEAR_NAMES)}")
+        if self.blocks is not None:
+            if not self.blocks or not all(_is_int(b) and b >= 0 for b in self.blocks):
+                raise ValueError(f"block indices {self.blocks!r} must be a non-empty list of integers >= 0")
+            if len(set(self.blocks)) != len(self.blocks):
+                raise ValueError(f"block indices {self.blocks!r} repeat a block")
+
+    @classmethod
+    def parse(cls, text: Any) -> LayerTarget:
+        if not isinstance(text, str):
+            raise ValueError(f"entry {text!r} must be a string like 'down_proj' or 'down_proj#0-1-31'")
+        name, sep, rest = text.partition("#")
+        if not sep:
+            return cls(name)
+        parts = rest.split("-")
+        if not all(p.isdigit() for p in parts):
+            raise ValueError(f"entry {text!r}: after '#' come block indices joined by '-', e.g. 'down_proj#0-1-31'")
+        return cls(name, tuple(int(p) for p in parts))
+
+    def matches(self, block: int, layer: str | None = None) -> bool:
+        """True when this entry names `layer` (any layer when None) in `block`."""
+        return (layer is None or layer == self.layer) and (self.blocks is None or block in self.blocks)
+
+    def text(self) -> str:
+        return self.layer if self.blocks is None else f"{self.layer}#" + "-".join(map(str, self.blocks))
+
+
+def _structure_error(do_quant: bool, has_w: bool, has_a: bool, k_bits: Any, v_bits: Any) -> str | None:
+    """What is wrong with the shape of a setting (None when nothing)."""
+    if not do_quant:
+        given = [k for k, v in (("weight", has_w), ("act", has_a), ("k_bits", k_bits is not None),
+                                ("v_bits", v_bits is not None)) if v]
+        if given:
+            return (f"do_quant: False keeps its layers in full precision, so it cannot also set {', '.join(given)}; "
+                    f"allowed: do_quant: False alone, or do_quant: True with bit settings")
+        return None
+    if has_a and not has_w:
+        return "an 'act' section needs a 'weight' section in the same setting"
+    if not has_w and k_bits is None and v_bits is None:
+        return "sets nothing; give weight (and act), k_bits / v_bits, or do_quant: False"
+    return None
+
+
+@dataclass(frozen=True)
+class MixSetting:
+    """One `mix_bits` setting, resolved.
+
+    targets:  the layers (and blocks) it applies to.
+    do_quant: False keeps the named layers' weights and inputs in full precision.
+    w, a:     weight / input-activation settings of the named layers; `a=None` with a `w` makes
+              them weight-only; both None (a KV-only setting) leaves the layers as they are.
+    k_bits, v_bits: KV-cache bits of the attention of the named blocks (16 = full precision).
+    """
+
+    name: str
+    targets: tuple[LayerTarget, ...]
+    do_quant: bool = True
+    w: QuantArgs | None = None
+    a: QuantArgs | None = None
+    k_bits: int | None = None
+    v_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        where = f"mix_bits setting {self.name!r}"
+        if not self.targets or not all(isinstance(t, LayerTarget) for t in self.targets):
+            raise ValueError(f"{where}: layer_name must list at least one layer")
+        if not isinstance(self.do_quant, bool):
+            raise ValueError(f"{where}: do_quant={self.do_quant!r} must be a bool; allowed: True, False")
+        why = _structure_error(self.do_quant, self.w is not None, self.a is not None, self.k_bits, self.v_bits)
+        if why:
+            raise ValueError(f"{where}: {why}")
+        for name, args, target in (("weight", self.w, "weight"), ("act", self.a, "activation")):
+            if args is not None and (not isinstance(args, QuantArgs) or args.target != target):
+                raise ValueError(f"{where}: {name} must be QuantArgs(target={target!r}), got {args!r}")
+        for name in ("k_bits", "v_bits"):
+            v = getattr(self, name)
+            if v is not None and not (_is_int(v) and 1 <= v <= FULL_PRECISION_BITS):
+                raise ValueError(f"{where}: {name}={v!r}; allowed: 1..15 (asymmetric INT) or 16 (full precision)")
+
+    @property
+    def sets_linears(self) -> bool:
+        return not self.do_quant or self.w is not None
+
+    def matches(self, block: int, layer: str | None = None) -> bool:
+        return any(t.matches(block, layer) for t in self.targets)
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    """Ordered per-layer settings; for any (block, layer) the last matching setting wins."""
+
+    settings: tuple[MixSetting, ...]
+
+    def __post_init__(self) -> None:
+        if not self.settings or not all(isinstance(s, MixSetting) for s in self.settings):
+            raise ValueError("LayerMap needs at least one MixSetting")
+        names = [s.name for s in self.settings]
+        if len(set(names)) != len(names):
+            raise ValueError(f"LayerMap: setting names repeat: {names}")
+
+    def linear_setting(self, block: int, layer: str) -> MixSetting | None:
+        """The setting that decides Linear `layer` of `block` (None: the global settings)."""
+        found = [s for s in self.settings if s.sets_linears and s.matches(block, layer)]
+        return found[-1] if found else None
+
+    def kv_settings(self, block: int) -> tuple[MixSetting | None, MixSetting | None]:
+        """The settings that decide the K and the V bits of `block`'s attention."""
+        def last(key: str) -> MixSetting | None:
+            found = [s for s in self.settings if getattr(s, key) is not None and s.matches(block)]
+            return found[-1] if found else None
+
+        return last("k_bits"), last("v_bits")
+
+    @property
+    def has_kv(self) -> bool:
+        return any(s.k_bits is not None or s.v_bits is not None for s in self.settings)
+
+    def blocks_named(self) -> list[int]:
+        """Every block index some entry names, then GENERIC_BLOCK (any block no entry names);
+        asking the map about these covers every distinct outcome."""
+        named = {b for s in self.settings for t in s.targets for b in (t.blocks or ())}
+        return [*sorted(named), GENERIC_BLOCK]
+
+    def check_depth(self, n_blocks: int) -> None:
+        """Refuse block indices past the model's depth, naming the setting and the entry."""
+        for s in self.settings:
+            for t in s.targets:
+                past = [b for b in t.blocks or () if b >= n_blocks]
+                if past:
+                    raise ValueError(f"mix_bits setting {s.name!r}: layer_name entry {t.text()!r} names block(s) "
+                                     f"{', '.join(map(str, past))}, but the model has {n_blocks} blocks; "
+                                     f"allowed: 0..{n_blocks - 1}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = []
+        for s in self.settings:
+            d = {"name": s.name, "layer_name": [t.text() for t in s.targets], "do_quant": s.do_quant}
+            for key in ("w", "a"):
+                d[key] = None if getattr(s, key) is None else getattr(s, key).to_dict()
+            out.append({**d, "k_bits": s.k_bits, "v_bits": s.v_bits})
+        return {"settings": out}
+
+    def digest(self) -> str:
+        """Short hash of the resolved map (for result slugs)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+
+
+# ---------------------------------------------------------------------------------------
+# The YAML file
+# ---------------------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key repeated in one mapping is an error (not "last wins")."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ValueError(f"key {key!r} appears twice in one mapping (line {key_node.start_mark.line + 1})")
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _mapping(value: Any, where: str, allowed: tuple[str, ...]) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be a mapping with keys {_allowed(allowed)}, got {value!r}")
+    unknown = [k for k in value if k not in allowed]
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {_allowed(unknown)}; allowed: {_allowed(allowed)}")
+    return value
+
+
+def _section_changes(value: Any, where: str, section: str) -> tuple[tuple[str, Any], ...]:
+    """Validated QuantArgs changes of one llmc `weight` / `act` section."""
+    d = _mapping(value, where, _SECTION_KEYS)
+    if "bit" not in d:
+        raise ValueError(f"{where}: 'bit' is required")
+    bit = d["bit"]
+    if not _is_int(bit) or not 1 <= bit < FULL_PRECISION_BITS:
+        hint = "do_quant: False keeps layers in full precision" if "mix_bits" in where else "omit the section"
+        raise ValueError(f"{where}.bit={bit!r}: must be an integer below {FULL_PRECISION_BITS} ({hint}); "
+                         f"allowed: the widths of the format (int: 1..15, bitmod: 3, 4, fp4_e2m1: 4, fp8_e4m3: 8)")
+    changes: dict[str, Any] = {"bits": bit}
+    if "symmetric" in d:
+        if not isinstance(d["symmetric"], bool):
+            raise ValueError(f"{where}.symmetric={d['symmetric']!r}; allowed: True, False")
+        changes["symmetric"] = d["symmetric"]
+    if "dtype" in d:
+        if d["dtype"] not in _DTYPES[section]:
+            raise ValueError(f"{where}.dtype={d['dtype']!r}; allowed: {_allowed(_DTYPES[section])}")
+        changes["dtype"] = d["dtype"]
+    if "group_size" in d:
+        gs = d["group_size"]
+        if not _is_int(gs) or not (gs == -1 or gs > 0):
+            raise ValueError(f"{where}.group_size={gs!r}; allowed: a positive integer, or -1 (whole row)")
+        changes["group_size"] = gs
+    if "granularity" in d:
+        g = d["granularity"]
+        if g not in _GRANULARITIES[section]:
+            raise ValueError(f"{where}.granularity={g!r}; allowed: {_allowed(_GRANULARITIES[section])}")
+        changes["granularity"] = g
+        if g in ("per_channel", "per_tensor") and "group_size" not in d:
+            changes["group_size"] = -1
+    return tuple(changes.items())
+
+
+def _resolve_section(base: QuantArgs, changes: tuple[tuple[str, Any], ...], where: str) -> QuantArgs:
+    """`base` refined by a section's changes (an act section in INT is symmetric unless told)."""
+    c = {**dict(changes), "zero_point": None}  # follows dtype and symmetric (llmc has no key for it)
+    if base.target == "activation" and "symmetric" not in c and c.get("dtype", base.dtype) == "int" \
+            and base.dtype != "int":
+        c["symmetric"] = True
+    try:
+        return base.replace(**c)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+@dataclass(frozen=True)
+class _RawSetting:
+    """A checked setting whose weight / act still wait for their base (the global section)."""
+
+    name: str
+    targets: tuple[LayerTarget, ...]
+    do_quant: bool
+    weight: tuple[tuple[str, Any], ...] | None
+    act: tuple[tuple[str, Any], ...] | None
+    k_bits: int | None
+    v_bits: int | None
+
+    def resolve(self, w: QuantArgs, a: QuantArgs, where: str) -> MixSetting:
+        bases = {s: g if g.enabled else _LLMC_BASE[s] for s, g in (("weight", w), ("act", a))}
+        return MixSetting(
+            name=self.name, targets=self.targets, do_quant=self.do_quant,
+            w=None if self.weight is None else _resolve_section(bases["weight"], self.weight, f"{where}.weight"),
+            a=None if self.act is None else _resolve_section(bases["act"], self.act, f"{where}.act"),
+            k_bits=self.k_bits, v_bits=self.v_bits,
+        )
+
+
+def _parse_setting(name: Any, value: Any, where: str) -> _RawSetting:
+    d = _mapping(value, where, _SETTING_KEYS)
+    if "layer_name" not in d:
+        raise ValueError(f"{where}: 'layer_name' is required (a list such as [down_proj#0-1, o_proj])")
+    names = d["layer_name"]
+    if not isinstance(names, list) or not names:
+        raise ValueError(f"{where}.layer_name={names!r}: must be a non-empty list such as [down_proj#0-1, o_proj]")
+    targets = []
+    for entry in names:
+        try:
+            targets.append(LayerTarget.parse(entry))
+        except ValueError as err:
+            raise ValueError(f"{where}.layer_name entry {entry!r}: {err}") from None
+    do_quant = d.get("do_quant", True)
+    if not isinstance(do_quant, bool):
+        raise ValueError(f"{where}.do_quant={do_quant!r}; allowed: True, False")
+    kv = {k: d.get(k) for k in ("k_bits", "v_bits")}
+    for k, v in kv.items():
+        if v is not None and not (_is_int(v) and 1 <= v <= FULL_PRECISION_BITS):
+            raise ValueError(f"{where}.{k}={v!r}; allowed: 1..15 (asymmetric INT) or 16 (full precision)")
+    raw = _RawSetting(
+        name=str(name), targets=tuple(targets), do_quant=do_quant,
+        weight=_section_changes(d["weight"], f"{where}.weight", "weight") if "weight" in d else None,
+        act=_section_changes(d["act"], f"{where}.act", "act") if "act" in d else None, **kv,
+    )
+    why = _structure_error(do_quant, raw.weight is not None, raw.act is not None, raw.k_bits, raw.v_bits)
+    if why:
+        raise ValueError(f"{where}: {why}")
+    return raw
+
+
+@dataclass(frozen=True)
+class LlmcQuant:
+    """A checked llmc `quant:` section.
+
+    source: the file (for messages). method: RTN | Awq | Gptq (llmc's spelling).
+    weight / act: the global sections (None when absent: the flags decide).
+    """
+
+    source: str
+    method: str
+    weight: QuantArgs | None
+    act: QuantArgs | None
+    settings: tuple[_RawSetting, ...]
+
+    def apply(self, plan: QuantPlan, explicit: Mapping[str, Any] | None = None) -> QuantPlan:
+        """`plan` (built from flags) refined by this file. `explicit`: the flags given on the command
+        line (dest -> value); one that contradicts the global `weight` / `act` section is an error."""
+        for dest, value in (explicit or {}).items():
+            if dest not in _FLAG_KEYS:
+                continue
+            section, key, attr = _FLAG_KEYS[dest]
+            args = self.weight if section == "weight" else self.act
+            if args is not None and getattr(args, attr) != value:
+                flag = "--" + dest
+                raise ValueError(f"{flag} {value} contradicts quant.{section}.{key}: {getattr(args, attr)} in "
+                                 f"{self.source}; allowed: {flag} {getattr(args, attr)}, or leave {flag} out")
+        w = self.weight or plan.w
+        a = self.act or plan.a
+        settings = tuple(s.resolve(w, a, f"{self.source}: quant.mix_bits.{s.name}") for s in self.settings)
+        try:
+            out = dataclasses.replace(plan, w=w, a=a, layers=LayerMap(settings) if settings else None)
+        except ValueError as err:
+            raise ValueError(f"{self.source}: {err}") from None
+        return out
+
+
+def parse_quant_config(data: Any, source: str = "<yaml>") -> LlmcQuant:
+    """Check a loaded YAML document (see the module docstring); every error names the key."""
+    top = _mapping(data, f"{source}: the document", _TOP_KEYS)
+    if "quant" not in top:
+        raise ValueError(f"{source}: no 'quant' section (model, data and evaluation are chosen with flags)")
+    q = _mapping(top["quant"], f"{source}: quant", _QUANT_KEYS)
+    method = q.get("method", "RTN")
+    by_lower = {m.lower(): m for m in METHODS}
+    if not isinstance(method, str) or method.lower() not in by_lower:
+        raise ValueError(f"{source}: quant.method={method!r}; allowed: {_allowed(METHODS)}")
+    globals_: dict[str, QuantArgs | None] = {}
+    for section in ("weight", "act"):
+        where = f"{source}: quant.{section}"
+        globals_[section] = None if section not in q else _resolve_section(
+            _LLMC_BASE[section], _section_changes(q[section], where, section), where)
+    settings = []
+    mix = q.get("mix_bits")
+    if "mix_bits" in q:
+        if not isinstance(mix, dict) or not mix:
+            raise ValueError(f"{source}: quant.mix_bits must be a non-empty mapping of settings "
+                             f"(setting_0: {{layer_name: [...], ...}}), got {mix!r}")
+        settings = [_parse_setting(name, value, f"{source}: quant.mix_bits.{name}") for name, value in mix.items()]
+    return LlmcQuant(source=source, method=by_lower[method.lower()], weight=globals_["weight"],
+                     act=globals_["act"], settings=tuple(settings))
+
+
+def load_quant_config(path: str | Path) -> LlmcQuant:
+    """Read and check an llmc-style YAML file (`--config`)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--config {path}: no such file")
+    try:
+        data = yaml.load(p.read_text(), Loader=_StrictLoader)
+    except (yaml.YAMLError, ValueError) as err:
+        raise ValueError(f"--config {path}: not valid YAML: {err}") from None
+    return parse_quant_config(data, str(path))
