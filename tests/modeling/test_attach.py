@@ -1,5 +1,7 @@
 """attach(): identity at 16 bits, idempotence, exact removal, W / A placement, refusals."""
 
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -83,6 +85,23 @@ def test_activation_inputs_fp8_per_token(tiny_models, input_ids):
     for lin in decoder_linears(ref).values():
         lin.register_forward_pre_hook(lambda m, inp: (_fp8_per_token(inp[0]),))
     torch.testing.assert_close(_logits(model, input_ids), _logits(ref, input_ids), rtol=0, atol=1e-5)
+
+
+def test_shared_linear_inputs_are_quantized_once(tiny_models, input_ids, monkeypatch):
+    """q/k/v_proj and gate/up_proj read the same tensor: 4 input quantizations per block, not 7,
+    and the logits equal those of quantizing every input separately (the test above)."""
+    attach_mod = importlib.import_module("wkvaq_quant.modeling.attach")
+
+    calls = []
+    real = attach_mod.fake_quantize
+    monkeypatch.setattr(attach_mod, "fake_quantize", lambda x, a: calls.append(a.target) or real(x, a))
+    model, ref = tiny_models(), tiny_models()
+    attach(model, QuantPlan(a=QuantArgs(bits=8, dtype="fp8_e4m3", target="activation")))
+    for lin in decoder_linears(ref).values():
+        lin.register_forward_pre_hook(lambda m, inp: (_fp8_per_token(inp[0]),))
+    got = _logits(model, input_ids)
+    assert calls.count("activation") == 2 * 4  # 2 blocks x (qkv, o, gate/up, down)
+    torch.testing.assert_close(got, _logits(ref, input_ids), rtol=0, atol=1e-5)
 
 
 def test_unsupported_architecture_is_refused():

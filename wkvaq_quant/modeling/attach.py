@@ -92,6 +92,7 @@ class AttachHandle:
     attn_implementation: str | None = None  # the model's implementation before attaching
     _hooks: list = field(default_factory=list)
     _weights: dict[str, Tensor] = field(default_factory=dict)
+    _input_memo: _InputQuantizer | None = None
     _attn_modules: list = field(default_factory=list)
     removed: bool = False
 
@@ -111,7 +112,7 @@ class AttachHandle:
             self.model.set_attn_implementation(self.attn_implementation)
         if getattr(self.model, HANDLE_ATTR, None) is self:
             delattr(self.model, HANDLE_ATTR)
-        self._hooks, self._weights, self.removed = [], {}, True
+        self._hooks, self._weights, self._input_memo, self.removed = [], {}, None, True
 
 
 def _choose_attention(current: str, plan: QuantPlan) -> str | None:
@@ -146,11 +147,25 @@ def _pre_rope_key_hook(state: LayerState):
     return hook
 
 
-def _input_quantizer(args):
-    def quant_input(_mod: nn.Module, inputs: tuple) -> tuple:
-        return (fake_quantize(inputs[0], args), *inputs[1:])
+class _InputQuantizer:
+    """Forward pre-hook fake-quantizing a Linear's input. q/k/v_proj (and gate/up_proj) receive
+    the same tensor: the last result is remembered with the input's identity, version and
+    settings, and reused instead of being computed again."""
 
-    return quant_input
+    def __init__(self) -> None:
+        self.last: tuple | None = None  # (input, input._version, args, result)
+
+    def hook(self, args):
+        def quant_input(_mod: nn.Module, inputs: tuple) -> tuple:
+            x = inputs[0]
+            last = self.last
+            if last is not None and last[0] is x and last[1] == x._version and last[2] == args:
+                return (last[3], *inputs[1:])
+            y = fake_quantize(x, args)
+            self.last = (x, x._version, args, y)
+            return (y, *inputs[1:])
+
+        return quant_input
 
 
 def attach(model: nn.Module, plan: QuantPlan, keep_originals: bool = True) -> AttachHandle:
@@ -183,6 +198,7 @@ def attach(model: nn.Module, plan: QuantPlan, keep_originals: bool = True) -> At
                              f"allowed: -1 or a multiple of {head_dim}, or --no_fold_v_scale")
     handle = AttachHandle(model=model, plan=plan, attn_implementation=current if target else None)
     # W: RTN once; A: inputs of every decoder Linear (settings per block and layer)
+    memo = handle._input_memo = _InputQuantizer()
     for block, short, name, lin in block_linears(model):
         w_args, a_args = plan.linear_args(block, short)
         if w_args.enabled:
@@ -191,7 +207,7 @@ def attach(model: nn.Module, plan: QuantPlan, keep_originals: bool = True) -> At
                     handle._weights[name] = lin.weight.detach().clone()
                 lin.weight.copy_(fake_quantize(lin.weight, w_args))
         if a_args.enabled:
-            handle._hooks.append(lin.register_forward_pre_hook(_input_quantizer(a_args)))
+            handle._hooks.append(lin.register_forward_pre_hook(memo.hook(a_args)))
     # per-module state; a pre-hook records how many tokens the KV cache already holds
     for m in attn_modules:
         setattr(m, STATE_ATTR, LayerState(plan=plan.block_plan(m.layer_idx)))
