@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["clip_weight", "fold_scales"]
+__all__ = ["clip_weight", "fold_scales", "group_columns"]
 
 
 @torch.no_grad()
@@ -40,15 +40,21 @@ def fold_scales(prev: nn.Module, linears: list[nn.Linear], scales: Tensor) -> No
         lin.weight.mul_(scales.to(lin.weight.device, lin.weight.dtype).view(1, -1))
 
 
+def group_columns(in_features: int, group_size: int) -> Tensor:
+    """Group index of every input column; the last group is shorter when group_size does not
+    divide in_features (576 with 128 -> 4 groups of 128 and one of 64), as in fake_quantize."""
+    gs = in_features if group_size == -1 else group_size
+    return torch.arange(in_features) // gs
+
+
 @torch.no_grad()
-def clip_weight(lin: nn.Linear, max_val: Tensor) -> None:
-    """Clamp every group of `lin.weight` to [-m, m]; max_val is [out, n_groups] (groups along the
-    input channels, all of equal size)."""
+def clip_weight(lin: nn.Linear, max_val: Tensor, group_size: int) -> None:
+    """Clamp every (output row, input group) of `lin.weight` to [-m, m]; max_val is [out, n_groups]."""
     co, ci = lin.weight.shape
-    if max_val.dim() != 2 or max_val.shape[0] != co or ci % max_val.shape[1]:
-        raise ValueError(f"AWQ clip values of shape {tuple(max_val.shape)} do not fit a weight of shape {(co, ci)}")
-    ng = max_val.shape[1]
-    # w [co, ci] -> [co, n_group, group_size]
-    w = lin.weight.view(co, ng, ci // ng)
-    m = max_val.to(w.device, w.dtype).unsqueeze(-1)
+    cols = group_columns(ci, group_size)
+    if max_val.shape != (co, int(cols[-1]) + 1):
+        raise ValueError(f"AWQ clip values of shape {tuple(max_val.shape)} do not fit a weight of shape {(co, ci)} "
+                         f"with group size {group_size}")
+    w = lin.weight
+    m = max_val.to(w.device, w.dtype)[:, cols.to(w.device)]  # [co, n_group] -> [co, ci]
     torch.maximum(torch.minimum(w, m), -m, out=w)

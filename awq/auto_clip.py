@@ -13,8 +13,10 @@ the attention scores, which the per-linear output error does not see (CLIP_SKIP)
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from awq.apply import group_columns
 from wkvaq_quant.config import QuantArgs
 from wkvaq_quant.quantize import fake_quantize
 
@@ -26,33 +28,36 @@ CLIP_SKIP = ("q_proj", "k_proj")
 @torch.no_grad()
 def search_clip(weight: Tensor, xs: list[Tensor], args: QuantArgs, n_grid: int = 20, max_shrink: float = 0.5,
                 n_sample_token: int = 512, oc_batch: int = 256) -> Tensor:
-    """Best clip value per (output row, group): [out, n_groups], fp32 on the weight's device."""
+    """Best clip value per (output row, group): [out, n_groups], fp32 on the weight's device.
+    A group size that does not divide the row gives a shorter last group, as in fake_quantize."""
     co, ci = weight.shape
+    cols = group_columns(ci, args.group_size).to(weight.device)
+    ng = int(cols[-1]) + 1
     gs = ci if args.group_size == -1 else args.group_size
-    if ci % gs:
-        raise ValueError(f"AWQ clipping needs a group size dividing the input width {ci}, got {gs}")
-    ng = ci // gs
+    pad = ng * gs - ci  # zero columns complete the last group; they add nothing to any output
     x = torch.cat([t.reshape(-1, ci) for t in xs])
     x = x[:: max(1, x.shape[0] // n_sample_token)]
     # x [n_token, ci] -> [n_token, n_group, group_size]
-    x = x.float().view(-1, ng, gs)
+    x = F.pad(x.float(), (0, pad)).view(-1, ng, gs)
     best_all = []
     for o0 in range(0, co, oc_batch):
-        w = weight[o0: o0 + oc_batch]
+        w = weight[o0: o0 + oc_batch].float()
         b = w.shape[0]
         # w [b, ci] -> [b, n_group, group_size]
-        w3 = w.float().view(b, ng, gs)
+        w3 = F.pad(w, (0, pad)).view(b, ng, gs)
         ref = torch.einsum("tgk,ogk->otg", x, w3)  # [b, n_token, n_group]
-        org_max = w3.abs().amax(-1, keepdim=True)  # [b, n_group, 1]
+        org_max = w3.abs().amax(-1)  # [b, n_group]
         best = org_max.clone()
         min_err = torch.full_like(org_max, float("inf"))
         for i in range(int(max_shrink * n_grid)):
             max_val = org_max * (1 - i / n_grid)
-            cur = torch.maximum(torch.minimum(w3, max_val), -max_val)
-            q = fake_quantize(cur.reshape(b, ci).to(weight.dtype), args).float().view(b, ng, gs)
-            err = (torch.einsum("tgk,ogk->otg", x, q) - ref).pow(2).mean(1).view(b, ng, 1)
+            m = max_val[:, cols]  # [b, n_group] -> [b, ci]
+            cur = torch.maximum(torch.minimum(w, m), -m)
+            q = fake_quantize(cur.to(weight.dtype), args).float()
+            out = torch.einsum("tgk,ogk->otg", x, F.pad(q, (0, pad)).view(b, ng, gs))
+            err = (out - ref).pow(2).mean(1)  # [b, n_group]
             better = err < min_err
             min_err = torch.where(better, err, min_err)
             best = torch.where(better, max_val, best)
-        best_all.append(best.squeeze(-1))
+        best_all.append(best)
     return torch.cat(best_all)

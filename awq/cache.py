@@ -2,7 +2,8 @@
 `weights_only=True`, refused when it was made for another model or another weight format.
 
     scale: {previous op's module name: {"layers": [names of the linears it feeds], "scales": [C] fp32}}
-    clip:  {linear's module name: max value per (output row, input group) [out, n_groups] fp32}
+    clip:  {linear's module name: {"max_val": max |w| per (output row, input group) [out, n_groups] fp32,
+            "group_size": its input group size (the last group is shorter when it does not divide)}}
     grid:  {linear's module name: BitMoD grid id per (output row, group) [out, n_groups] uint8}
            (the grids the final weights get; empty for formats without a per-group choice)
     meta:  {"version", "model", "shapes": {linear: [out, in]}, "format": {dtype, bits, group_size,

@@ -21,7 +21,7 @@ import torch
 
 from awq.cache import check_cache, load_cache, save_cache
 from awq.config import AwqConfig
-from awq.pre_quant import apply_awq, check_awq_supported, run_awq
+from awq.pre_quant import apply_awq, run_awq
 from wkvaq_quant.cli import add_calib_args
 from wkvaq_quant.config import W_DTYPES
 from wkvaq_quant.data import DataUnavailableError, get_calib_windows, resolve_text_source
@@ -108,7 +108,6 @@ def run(cfg: AwqConfig, log=print) -> dict:
     # blocks go to cfg.device one at a time; the model itself stays on the CPU
     model, load_s = load_model(source, cfg.dtype, "cpu", "sdpa", cfg.trust_remote_code)
     log(f"[awq] loaded {source.path} in {load_s:.1f}s; weights {plan.slug()}")
-    check_awq_supported(model, plan)
     summary: dict = {"model": source.name, "format": plan.w.to_dict(), "load_s": load_s}
     if cfg.run_awq:
         t0 = time.perf_counter()

@@ -30,17 +30,7 @@ from wkvaq_quant.modeling.attach import block_linears
 from wkvaq_quant.weights.blocks import BlockInputs, capture_block_inputs, for_each_block
 from wkvaq_quant.weights.rtn import rtn_quantize
 
-__all__ = ["apply_awq", "check_awq_supported", "run_awq"]
-
-
-def check_awq_supported(model: nn.Module, plan: QuantPlan) -> None:
-    """Every enabled Linear's group size must divide its input width (-1 = whole row)."""
-    for block, short, name, lin in block_linears(model):
-        args = plan.linear_args(block, short)[0]
-        if args.enabled and args.group_size != -1 and lin.in_features % args.group_size:
-            raise ValueError(f"--q_group_size {args.group_size} does not divide the {lin.in_features} input "
-                             f"channels of {name}; AWQ needs equal groups: allowed: -1 or a divisor of "
-                             f"{lin.in_features}")
+__all__ = ["apply_awq", "run_awq"]
 
 
 def _module_names(model: nn.Module) -> dict[int, str]:
@@ -69,8 +59,8 @@ def _awq_block(block: nn.Module, prefix: str, index: int, inputs: BlockInputs, p
             continue
         lin = block.get_submodule(n)
         max_val = search_clip(lin.weight, feats.inputs[n], w_args[n], n_grid, max_shrink, n_sample_token).cpu()
-        clip_weight(lin, max_val)
-        out["clip"][f"{prefix}.{n}"] = max_val
+        clip_weight(lin, max_val, w_args[n].group_size)
+        out["clip"][f"{prefix}.{n}"] = {"max_val": max_val, "group_size": w_args[n].group_size}
     del feats
 
 
@@ -82,7 +72,6 @@ def run_awq(model: nn.Module, plan: QuantPlan, calib_ids: Tensor, model_id: str,
     if n_grid <= 0 or not 0 <= max_shrink < 1 or n_sample_token <= 0:
         raise ValueError(f"n_grid {n_grid} (> 0), max_shrink {max_shrink} (in [0, 1)), n_sample_token "
                          f"{n_sample_token} (> 0)")
-    check_awq_supported(model, plan)
     names = _module_names(model)
     out: dict[str, Any] = {"scale": {}, "clip": {}}
     inputs = capture_block_inputs(model, calib_ids, device, batch_size)
@@ -119,5 +108,5 @@ def apply_awq(model: nn.Module, cache: dict[str, Any]) -> None:
         raise ValueError(f"AWQ cache names modules this model does not have: {missing[:3]}")
     for prev, entry in cache["scale"].items():
         fold_scales(modules[prev], [modules[n] for n in entry["layers"]], entry["scales"])
-    for name, max_val in cache["clip"].items():
-        clip_weight(modules[name], max_val)
+    for name, entry in cache["clip"].items():
+        clip_weight(modules[name], entry["max_val"], entry["group_size"])

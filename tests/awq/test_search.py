@@ -35,10 +35,10 @@ def _block0_error(model, fp_model, ids) -> float:
     return (out - ref).pow(2).mean().item()
 
 
-@pytest.mark.parametrize("dtype,bits", [("int", 3), ("int", 4), ("bitmod", 3)])
-def test_awq_beats_rtn_on_planted_outliers(dtype, bits):
+@pytest.mark.parametrize("dtype,bits,group", [("int", 3, 32), ("int", 4, 32), ("bitmod", 3, 32), ("int", 3, 48)])
+def test_awq_beats_rtn_on_planted_outliers(dtype, bits, group):
     fp = planted_model()
-    plan = _plan(bits, dtype)
+    plan = _plan(bits, dtype, group)
     rtn = copy.deepcopy(fp)
     rtn_quantize(rtn, plan)
     awq = copy.deepcopy(fp)
