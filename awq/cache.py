@@ -22,7 +22,7 @@ from torch import nn
 from wkvaq_quant.config import QuantArgs, QuantPlan
 from wkvaq_quant.modeling.attach import block_linears
 
-__all__ = ["CACHE_VERSION", "cache_meta", "check_cache", "load_cache", "save_cache"]
+__all__ = ["CACHE_VERSION", "cache_meta", "check_cache", "check_cache_model", "load_cache", "save_cache"]
 
 CACHE_VERSION = 1
 
@@ -78,13 +78,18 @@ def load_cache(path: str | os.PathLike) -> dict:
     return cache
 
 
+def check_cache_model(cache: dict, model_id: str, path: str = "cache") -> None:
+    """Refuse a cache made for a model of another name (checked before the model loads)."""
+    if cache["meta"]["model"] != model_id:
+        raise ValueError(f"--load_awq {path!r} was made for model {cache['meta']['model']!r}, not {model_id!r}; "
+                         f"rerun --run_awq for this model")
+
+
 def check_cache(cache: dict, model: nn.Module, model_id: str, plan: QuantPlan, path: str = "cache") -> None:
     """Refuse a cache made for another model (name or layer shapes) or another weight format."""
+    check_cache_model(cache, model_id, path)
     want = cache_meta(model, model_id, plan)
     have = cache["meta"]
-    if have["model"] != want["model"]:
-        raise ValueError(f"--load_awq {path!r} was made for model {have['model']!r}, not {want['model']!r}; "
-                         f"rerun --run_awq for this model")
     if have["shapes"] != want["shapes"]:
         diff = sorted(set(have["shapes"]) ^ set(want["shapes"])) or \
             [n for n in want["shapes"] if have["shapes"][n] != want["shapes"][n]]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from awq.cache import check_cache, load_cache, save_cache
+from awq.cache import check_cache, check_cache_model, load_cache, save_cache
 from awq.config import AwqConfig
 from awq.pre_quant import apply_awq, run_awq
 from wkvaq_quant.cli import add_calib_args
@@ -99,6 +99,8 @@ def run(cfg: AwqConfig, log=print) -> dict:
     _check_device(cfg.device)
     plan = cfg.plan()
     cache = load_cache(cfg.load_awq) if cfg.load_awq else None
+    if cache is not None:
+        check_cache_model(cache, source.name, cfg.load_awq)
     calib_source = resolve_text_source(cfg.calib_dataset, "calib", cfg.data_dir) if cfg.run_awq else None
     tokenizer = load_tokenizer(source, cfg.trust_remote_code)
     calib = None

@@ -92,6 +92,14 @@ def test_bad_flags_fail_before_loading(argv, match, capsys, forbid_model_load):
     assert match in capsys.readouterr().err
 
 
+def test_cache_of_another_model_refused_before_loading(tmp_path, int_cache, tiny_llama, capsys, forbid_model_load):
+    cache, _ = int_cache
+    path = save_cache(cache, tmp_path / "tiny.pt")  # made for "tiny", not for this checkpoint's name
+    assert entry.main(["--model", str(tiny_llama), "--w_bit", "3", "--q_group_size", "32", "--load_awq", str(path),
+                       "--dump_fake", str(tmp_path / "d")]) == 2
+    assert "was made for model 'tiny'" in capsys.readouterr().err
+
+
 def test_existing_dump_fake_dir_refused(tmp_path, capsys, forbid_model_load):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "config.json").write_text("{}")
