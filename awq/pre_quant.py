@@ -8,8 +8,9 @@ the full-precision block's outputs, as in llm-awq. The model is left scaled and 
 quantized); `wkvaq_quant.weights.rtn.rtn_quantize` quantizes it afterwards.
 
 Linears whose weight setting is off (`plan.linear_args(...)[0]` at 16 bits, e.g. through a
-mix_bits map) are neither scaled nor clipped: a scale group is skipped when any of its linears
-is off, because folding its scale into the previous op would change the off linear's weights.
+mix_bits map) are neither scaled nor clipped: a scale group is skipped when any of its linears,
+or the Linear its scale folds into (v_proj, up_proj), is off, since folding would change that
+linear's weights.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def _awq_block(block: nn.Module, prefix: str, index: int, inputs: BlockInputs, p
     attn, mlp = block_parts(block)
     lin_names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear) and n.startswith((attn, mlp))]
     w_args: dict[str, QuantArgs] = {n: plan.linear_args(index, n.rsplit(".", 1)[-1])[0] for n in lin_names}
-    groups = [g for g in scale_groups(block) if all(w_args[n].enabled for n in g.layers)]
+    # a group is searched only when every linear it changes (its own, and a previous Linear) is quantized
+    groups = [g for g in scale_groups(block)
+              if all(w_args[n].enabled for n in g.layers) and w_args.get(g.prev, w_args[g.layers[0]]).enabled]
     if not any(a.enabled for a in w_args.values()):
         return
     feats = collect_features(block, inputs, device, lin_names, [attn, mlp])

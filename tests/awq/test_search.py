@@ -149,16 +149,19 @@ class _PartlyOffPlan(QuantPlan):
 def test_layers_left_in_full_precision_are_neither_scaled_nor_clipped():
     fp = planted_model()
     base = _plan(3, "int")
-    plan = _PartlyOffPlan(w=base.w, off=((0, "q_proj"), (1, "down_proj")))
+    plan = _PartlyOffPlan(w=base.w, off=((0, "q_proj"), (1, "down_proj"), (0, "up_proj")))
     model = copy.deepcopy(fp)
     cache = run_awq(model, plan, calib_ids(), "tiny", batch_size=8, progress=False)
     rtn_quantize(model, plan)
     sd, sd0 = model.state_dict(), fp.state_dict()
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight",
+                 "model.layers.0.mlp.up_proj.weight",  # not even divided as down_proj's previous op
                  "model.layers.0.input_layernorm.weight"):  # q_proj's group is skipped entirely
         assert torch.equal(sd[name], sd0[name]), name
     assert "model.layers.0.input_layernorm" not in cache["scale"]
     assert "model.layers.1.mlp.up_proj" not in cache["scale"]
+    assert "model.layers.0.mlp.up_proj" not in cache["scale"]  # up_proj off: down_proj's group skipped
+    assert "model.layers.0.post_attention_layernorm" not in cache["scale"]  # gate/up group holds up_proj
     assert "model.layers.1.mlp.down_proj" not in cache["clip"]
     assert "model.layers.1.mlp.down_proj" not in cache["grid"]
     assert "model.layers.1.input_layernorm" in cache["scale"]  # the rest is still searched
