@@ -73,6 +73,8 @@ def main() -> None:
     p.add_argument("--calib_seq_len", type=int, default=256)
     p.add_argument("--n_grid", type=int, default=10)
     p.add_argument("--work", default="/tmp/wkvaq-bench-awq", help="finished measurements are reused from here")
+    p.add_argument("--peer", default=None,
+                   help="JSON line printed by bench/awq_llmcompressor.py (llm-compressor's AWQ, W4 g128 int)")
     p.add_argument("--write", action="store_true", help="update the section in bench/RESULTS.md")
     args = p.parse_args()
     work = Path(args.work)
@@ -103,6 +105,16 @@ def main() -> None:
         rtn, awq, run = res[f"rtn-w{bits}-{dtype}"], res[f"awq-w{bits}-{dtype}"], res[f"awq-run-w{bits}-{dtype}"]
         rows.append(f"| W{bits} g{args.group_size} {dtype} | {rtn['ppl']:.3f} | {awq['ppl']:.3f} | "
                     f"{awq['ppl'] / rtn['ppl']:.3f}x | {run['search_s']:.0f} s | {run['peak_rss_mb'] / 1024:.2f} GiB |")
+    if args.peer:
+        peer = json.loads(Path(args.peer).read_text())
+        ours = res["awq-w4-int"]["ppl"], res["awq-run-w4-int"]["search_s"]
+        peer_text = (f"llm-compressor's AWQ (W4A16_ASYM, g128, same calibration and evaluation windows): perplexity "
+                     f"{peer['ppl']:.3f} (ours {ours[0]:.3f}), AWQ wall time {peer['awq_s']:.0f} s (ours {ours[1]:.0f} s).")
+    else:
+        peer_text = ("llm-compressor's AWQ: not measured here. Its installation into a separate virtualenv "
+                     "(`pip install llmcompressor -c constraints.txt`) did not finish within the time available on "
+                     "this machine; `bench/awq_llmcompressor.py` is written to run it on the same data and settings "
+                     "(its JSON goes to `--peer`) but has not been run yet.")
     threads = os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))
     section = f"""{SECTION}
 
@@ -114,6 +126,8 @@ group 128 (hidden 576 = 4 x 128 + a group of 64; intermediate 1536 = 12 x 128). 
 stored as 4-bit Q4_1 blocks of 32, so its "FP" weights already sit on a 4-bit grid.
 
 {chr(10).join(rows)}
+
+{peer_text}
 
 Wall time is the search of one `python -m awq.entry` process on the CPU with {threads} intra-op thread(s)
 (the machine's 2 cores are shared; 2 threads were 3x slower under that load), peak RSS that process's
