@@ -1,0 +1,63 @@
+"""AWQ weight clipping search (llm-awq `auto_clip.py`).
+
+Per linear and per (output row, input group), try max values m_i = amax * (1 - i / n_grid),
+i = 0 .. max_shrink * n_grid - 1, clamp the group to [-m_i, m_i], quantize it with the linear's
+own weight format, and keep the m_i whose group output sum_k x[t, k] * w_q[o, k] (over the
+group's input channels k) has the lowest mean squared error over n_sample_token sampled tokens.
+i = 0 is no clipping, so a group is never clipped unless that lowers its error.
+
+As in the reference implementation, q_proj and k_proj are not clipped: their outputs meet in
+the attention scores, which the per-linear output error does not see (CLIP_SKIP).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from awq.apply import group_columns
+from wkvaq_quant.config import QuantArgs
+from wkvaq_quant.quantize import fake_quantize
+
+__all__ = ["CLIP_SKIP", "search_clip"]
+
+CLIP_SKIP = ("q_proj", "k_proj")
+
+
+@torch.no_grad()
+def search_clip(weight: Tensor, xs: list[Tensor], args: QuantArgs, n_grid: int = 20, max_shrink: float = 0.5,
+                n_sample_token: int = 512, oc_batch: int = 256) -> Tensor:
+    """Best clip value per (output row, group): [out, n_groups], fp32 on the weight's device.
+    A group size that does not divide the row gives a shorter last group, as in fake_quantize."""
+    co, ci = weight.shape
+    cols = group_columns(ci, args.group_size).to(weight.device)
+    ng = int(cols[-1]) + 1
+    gs = ci if args.group_size == -1 else args.group_size
+    pad = ng * gs - ci  # zero columns complete the last group; they add nothing to any output
+    x = torch.cat([t.reshape(-1, ci) for t in xs])
+    x = x[:: max(1, x.shape[0] // n_sample_token)]
+    # x [n_token, ci] -> [n_token, n_group, group_size]
+    x = F.pad(x.float(), (0, pad)).view(-1, ng, gs)
+    best_all = []
+    for o0 in range(0, co, oc_batch):
+        w = weight[o0: o0 + oc_batch].float()
+        b = w.shape[0]
+        # w [b, ci] -> [b, n_group, group_size]
+        w3 = F.pad(w, (0, pad)).view(b, ng, gs)
+        ref = torch.einsum("tgk,ogk->otg", x, w3)  # [b, n_token, n_group]
+        org_max = w3.abs().amax(-1)  # [b, n_group]
+        best = org_max.clone()
+        min_err = torch.full_like(org_max, float("inf"))
+        for i in range(int(max_shrink * n_grid)):
+            max_val = org_max * (1 - i / n_grid)
+            m = max_val[:, cols]  # [b, n_group] -> [b, ci]
+            cur = torch.maximum(torch.minimum(w, m), -m)
+            q = fake_quantize(cur.to(weight.dtype), args).float()
+            out = torch.einsum("tgk,ogk->otg", x, F.pad(q, (0, pad)).view(b, ng, gs))
+            err = (out - ref).pow(2).mean(1)  # [b, n_group]
+            better = err < min_err
+            min_err = torch.where(better, err, min_err)
+            best = torch.where(better, max_val, best)
+        best_all.append(best)
+    return torch.cat(best_all)

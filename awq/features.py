@@ -1,0 +1,77 @@
+"""What AWQ records from one forward pass of a decoder block: the input of every decoder Linear
+and the call arguments of the modules whose output error the scale search measures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from wkvaq_quant.weights.blocks import BlockInputs, block_output
+
+__all__ = ["BlockFeatures", "collect_features"]
+
+
+@dataclass
+class BlockFeatures:
+    """inputs: per Linear (name relative to the block) its input per batch [b, T, in]; Linears fed
+    by the same tensor (q/k/v, gate/up) share its memory.
+    calls: per inspected non-Linear module (attention, MLP) the arguments it was called with per
+    batch, without its hidden-states input: (other positional args, keyword args)."""
+
+    inputs: dict[str, list[Tensor]] = field(default_factory=dict)
+    calls: dict[str, list[tuple[tuple, dict[str, Any]]]] = field(default_factory=dict)
+
+    def call(self, module: nn.Module, name: str, batch: int, x: Tensor) -> Tensor:
+        """Output of `module` (named `name` in the block) on input `x` of batch `batch`."""
+        if isinstance(module, nn.Linear):
+            return module(x)
+        rest, kw = self.calls[name][batch]
+        return block_output(module(x, *rest, **kw))
+
+    @torch.no_grad()
+    def divide_inputs(self, layers: tuple[str, ...], scales: Tensor) -> None:
+        """Divide the recorded inputs of `layers` by the per-channel `scales` (each tensor once)."""
+        seen: set[int] = set()
+        for name in layers:
+            for t in self.inputs[name]:
+                if t.data_ptr() not in seen:  # q/k/v (gate/up) inputs share their memory
+                    seen.add(t.data_ptr())
+                    t.div_(scales.to(t.device, t.dtype))
+
+
+@torch.no_grad()
+def collect_features(block: nn.Module, inputs: BlockInputs, device: torch.device | str,
+                     linears: list[str], modules: list[str]) -> BlockFeatures:
+    """Run `block` (already on `device`) over every batch of `inputs`, recording the inputs of
+    `linears` and the call arguments of `modules` (names relative to the block)."""
+    feats = BlockFeatures({n: [] for n in linears}, {n: [] for n in modules})
+    handles = []
+
+    def linear_hook(name: str):
+        def hook(_m: nn.Module, args: tuple) -> None:
+            feats.inputs[name].append(args[0].detach())
+        return hook
+
+    def module_hook(name: str):
+        def hook(_m: nn.Module, args: tuple, kw: dict) -> None:
+            kw = dict(kw)
+            rest = args[1:] if args else ()
+            if not args:
+                kw.pop("hidden_states")
+            feats.calls[name].append((rest, kw))
+        return hook
+
+    try:
+        for n in linears:
+            handles.append(block.get_submodule(n).register_forward_pre_hook(linear_hook(n)))
+        for n in modules:
+            handles.append(block.get_submodule(n).register_forward_pre_hook(module_hook(n), with_kwargs=True))
+        for h, kw in inputs.batches(device):
+            block(h, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    return feats

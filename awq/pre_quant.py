@@ -1,0 +1,115 @@
+"""`run_awq` (search, block by block, on calibration data) and `apply_awq` (from a cache).
+
+run_awq visits the decoder blocks in order, one on `device` at a time. For each block it runs
+the full-precision block over the captured inputs recording every Linear's input, searches the
+scales of each group (auto_scale), folds them in, divides the recorded inputs by them, searches
+the clip values of every Linear but q/k (auto_clip) and clamps the weights. The next block sees
+the full-precision block's outputs, as in llm-awq. The model is left scaled and clipped (not
+quantized); `wkvaq_quant.weights.rtn.rtn_quantize` quantizes it afterwards.
+
+Linears whose weight setting is off (`plan.linear_args(...)[0]` at 16 bits, e.g. through a
+mix_bits map) are neither scaled nor clipped: a scale group is skipped when any of its linears,
+or the Linear its scale folds into (v_proj, up_proj), is off, since folding would change that
+linear's weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from awq.apply import clip_weight, fold_scales
+from awq.auto_clip import CLIP_SKIP, search_clip
+from awq.auto_scale import search_scale
+from awq.cache import cache_meta
+from awq.features import collect_features
+from awq.structure import block_parts, scale_groups
+from wkvaq_quant.config import QuantArgs, QuantPlan
+from wkvaq_quant.modeling.attach import block_linears
+from wkvaq_quant.weights.blocks import BlockInputs, capture_block_inputs, for_each_block
+from wkvaq_quant.weights.rtn import rtn_quantize
+
+__all__ = ["apply_awq", "run_awq"]
+
+
+def _module_names(model: nn.Module) -> dict[int, str]:
+    return {id(m): n for n, m in model.named_modules()}
+
+
+@torch.no_grad()
+def _awq_block(block: nn.Module, prefix: str, index: int, inputs: BlockInputs, plan: QuantPlan,
+               device: torch.device | str, n_grid: int, max_shrink: float, n_sample_token: int,
+               out: dict[str, Any]) -> None:
+    attn, mlp = block_parts(block)
+    lin_names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear) and n.startswith((attn, mlp))]
+    w_args: dict[str, QuantArgs] = {n: plan.linear_args(index, n.rsplit(".", 1)[-1])[0] for n in lin_names}
+    # a group is searched only when every linear it changes (its own, and a previous Linear) is quantized
+    groups = [g for g in scale_groups(block)
+              if all(w_args[n].enabled for n in g.layers) and w_args.get(g.prev, w_args[g.layers[0]]).enabled]
+    if not any(a.enabled for a in w_args.values()):
+        return
+    feats = collect_features(block, inputs, device, lin_names, [attn, mlp])
+    for g in groups:
+        found = search_scale(block, g, feats, w_args, n_grid)
+        fold_scales(block.get_submodule(g.prev), [block.get_submodule(n) for n in g.layers], found.scales)
+        feats.divide_inputs(g.layers, found.scales)
+        out["scale"][f"{prefix}.{g.prev}"] = {"layers": [f"{prefix}.{n}" for n in g.layers], "scales": found.scales,
+                                              "alpha": found.alpha}
+    for n in lin_names:
+        if not w_args[n].enabled or n.rsplit(".", 1)[-1] in CLIP_SKIP:
+            continue
+        lin = block.get_submodule(n)
+        max_val = search_clip(lin.weight, feats.inputs[n], w_args[n], n_grid, max_shrink, n_sample_token).cpu()
+        clip_weight(lin, max_val, w_args[n].group_size)
+        out["clip"][f"{prefix}.{n}"] = {"max_val": max_val, "group_size": w_args[n].group_size}
+    del feats
+
+
+def run_awq(model: nn.Module, plan: QuantPlan, calib_ids: Tensor, model_id: str, device: torch.device | str = "cpu",
+            n_grid: int = 20, max_shrink: float = 0.5, n_sample_token: int = 512, batch_size: int = 1,
+            progress: bool = True) -> dict[str, Any]:
+    """Search AWQ scales and clips on `calib_ids` [n, T]; returns the cache
+    {"scale", "clip", "grid", "meta"} (see awq.cache). The model is left scaled and clipped."""
+    if n_grid <= 0 or not 0 <= max_shrink < 1 or n_sample_token <= 0:
+        raise ValueError(f"n_grid {n_grid} (> 0), max_shrink {max_shrink} (in [0, 1)), n_sample_token "
+                         f"{n_sample_token} (> 0)")
+    names = _module_names(model)
+    out: dict[str, Any] = {"scale": {}, "clip": {}}
+    inputs = capture_block_inputs(model, calib_ids, device, batch_size)
+
+    def process(i: int, block: nn.Module, block_inputs: BlockInputs) -> None:
+        _awq_block(block, names[id(block)], i, block_inputs, plan, device, n_grid, max_shrink, n_sample_token, out)
+
+    for_each_block(model, inputs, process, device, next_inputs="fp", progress=progress, desc="AWQ blocks")
+    out["grid"] = _grids_after(model, plan, device)
+    out["meta"] = cache_meta(model, model_id, plan, {
+        "n_grid": n_grid, "max_shrink": max_shrink, "n_sample_token": n_sample_token,
+        "n_calib": int(calib_ids.shape[0]), "calib_seq_len": int(calib_ids.shape[1])})
+    return out
+
+
+def _grids_after(model: nn.Module, plan: QuantPlan, device: torch.device | str) -> dict[str, Tensor]:
+    """The per-group grids the final (scaled, clipped) weights get, without changing the model."""
+    saved = {name: lin.weight.detach().clone() for _, _, name, lin in block_linears(model)}
+    grids = rtn_quantize(model, plan, device)
+    with torch.no_grad():
+        for _, _, name, lin in block_linears(model):
+            lin.weight.copy_(saved[name])
+    return grids
+
+
+@torch.no_grad()
+def apply_awq(model: nn.Module, cache: dict[str, Any]) -> None:
+    """Fold the cached scales and clamp the cached clip values into `model` (in place, in the
+    order the search applied them: scales, then clips)."""
+    modules = dict(model.named_modules())
+    missing = [n for e in cache["scale"].items() for n in (e[0], *e[1]["layers"]) if n not in modules]
+    missing += [n for n in cache["clip"] if n not in modules]
+    if missing:
+        raise ValueError(f"AWQ cache names modules this model does not have: {missing[:3]}")
+    for prev, entry in cache["scale"].items():
+        fold_scales(modules[prev], [modules[n] for n in entry["layers"]], entry["scales"])
+    for name, entry in cache["clip"].items():
+        clip_weight(modules[name], entry["max_val"], entry["group_size"])

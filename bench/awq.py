@@ -1,0 +1,145 @@
+"""AWQ benchmark on the embedded model: perplexity of FP, RTN and AWQ at W4 / W3 (INT, BitMoD),
+group 128, and the wall time and peak RSS of each AWQ run.
+
+    OMP_NUM_THREADS=1 python bench/awq.py --write
+
+Calibration comes from wiki_sample's calibration split, perplexity from the first `--n_windows`
+windows of its evaluation split (CPU budget). Each AWQ run is its own `python -m awq.entry`
+process (search + cache + fake-quantized checkpoint), so its wall time and peak RSS are its own;
+the checkpoint is then evaluated here. Finished measurements are kept in `--work` and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results_md import write_section  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SECTION = "## AWQ (bench/awq.py)"
+
+from wkvaq_quant.config import QuantPlan  # noqa: E402
+from wkvaq_quant.data import get_eval_windows, resolve_text_source  # noqa: E402
+from wkvaq_quant.eval.ppl import evaluate_perplexity  # noqa: E402
+from wkvaq_quant.modeling.checkpoint import load_checkpoint_weights  # noqa: E402
+from wkvaq_quant.models import load_model, load_tokenizer, resolve_model  # noqa: E402
+from wkvaq_quant.results import atomic_write_json  # noqa: E402
+from wkvaq_quant.weights.rtn import rtn_quantize  # noqa: E402
+
+SETTINGS = [(4, "int"), (4, "bitmod"), (3, "int"), (3, "bitmod")]
+
+
+def _ppl(windows, weights: str | None = None, plan: QuantPlan | None = None) -> float:
+    model, _ = load_model(resolve_model("smollm2-135m"))
+    if weights:
+        load_checkpoint_weights(model, weights)
+    if plan is not None:
+        rtn_quantize(model, plan)
+    with torch.no_grad():
+        return evaluate_perplexity(model, windows, progress=False).ppl
+
+
+def _awq_run(args, bits: int, dtype: str, work: Path) -> dict:
+    tag = f"w{bits}-g{args.group_size}-{dtype}"
+    out = work / f"fake-{tag}"
+    cmd = [sys.executable, "-m", "awq.entry", "--model", "smollm2-135m", "--w_bit", str(bits), "--q_group_size",
+           str(args.group_size), "--wq_dtype", dtype, "--n_calib", str(args.n_calib), "--calib_seq_len",
+           str(args.calib_seq_len), "--n_grid", str(args.n_grid), "--batch_size", str(args.n_calib),
+           "--run_awq", "--dump_awq", str(work / f"{tag}.pt"), "--dump_fake", str(out), "--no_progress"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    return {"wall_s": time.perf_counter() - t0, "search_s": summary["search_s"],
+            "peak_rss_mb": summary["peak_rss_mb"], "checkpoint": str(out)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n_windows", type=int, default=8)
+    p.add_argument("--group_size", type=int, default=128)
+    p.add_argument("--n_calib", type=int, default=8)
+    p.add_argument("--calib_seq_len", type=int, default=256)
+    p.add_argument("--n_grid", type=int, default=10)
+    p.add_argument("--work", default="/tmp/wkvaq-bench-awq", help="finished measurements are reused from here")
+    p.add_argument("--peer", default=None,
+                   help="JSON line printed by bench/awq_llmcompressor.py (llm-compressor's AWQ, W4 g128 int)")
+    p.add_argument("--write", action="store_true", help="update the section in bench/RESULTS.md")
+    args = p.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    store = work / f"results-g{args.group_size}-n{args.n_calib}x{args.calib_seq_len}-grid{args.n_grid}.json"
+    res = json.loads(store.read_text()) if store.exists() else {}
+
+    def done(key: str, compute) -> dict:
+        if key not in res:
+            res[key] = compute()
+            atomic_write_json(store, res)
+            print(f"{key}: {res[key]}", flush=True)
+        return res[key]
+
+    source = resolve_model("smollm2-135m")
+    windows = get_eval_windows(resolve_text_source("wiki_sample", "eval"), load_tokenizer(source), 2048,
+                               source.add_special_tokens)[: args.n_windows]
+    done("fp", lambda: {"ppl": _ppl(windows)})
+    for bits, dtype in SETTINGS:
+        plan = QuantPlan.from_flags(w_bits=bits, w_group_size=args.group_size, w_dtype=dtype)
+        done(f"rtn-w{bits}-{dtype}", lambda: {"ppl": _ppl(windows, plan=plan)})
+        run = done(f"awq-run-w{bits}-{dtype}", lambda: _awq_run(args, bits, dtype, work))
+        done(f"awq-w{bits}-{dtype}", lambda: {"ppl": _ppl(windows, weights=run["checkpoint"])})
+
+    rows = ["| weights | RTN ppl | AWQ ppl | AWQ vs RTN | AWQ search wall time | AWQ process peak RSS |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for bits, dtype in SETTINGS:
+        rtn, awq, run = res[f"rtn-w{bits}-{dtype}"], res[f"awq-w{bits}-{dtype}"], res[f"awq-run-w{bits}-{dtype}"]
+        rows.append(f"| W{bits} g{args.group_size} {dtype} | {rtn['ppl']:.3f} | {awq['ppl']:.3f} | "
+                    f"{awq['ppl'] / rtn['ppl']:.3f}x | {run['search_s']:.0f} s | {run['peak_rss_mb'] / 1024:.2f} GiB |")
+    if args.peer:
+        peer = json.loads(Path(args.peer).read_text())
+        ours = res["awq-w4-int"]["ppl"], res["awq-run-w4-int"]["search_s"]
+        peer_text = (f"llm-compressor's AWQ (W4A16_ASYM, g128, same calibration and evaluation windows): perplexity "
+                     f"{peer['ppl']:.3f} (ours {ours[0]:.3f}), AWQ wall time {peer['awq_s']:.0f} s (ours {ours[1]:.0f} s).")
+    else:
+        peer_text = ("llm-compressor's AWQ: not measured here. Its installation into a separate virtualenv "
+                     "(`pip install llmcompressor -c constraints.txt`) did not finish within the time available on "
+                     "this machine; `bench/awq_llmcompressor.py` is written to run it on the same data and settings "
+                     "(its JSON goes to `--peer`) but has not been run yet.")
+    threads = os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    section = f"""{SECTION}
+
+Embedded SmolLM2-135M (FP32), perplexity on the first {args.n_windows} wiki_sample evaluation windows x 2048
+tokens (a CPU budget, not the full 289); FP: **{res['fp']['ppl']:.3f}**. AWQ calibration: {args.n_calib} windows x
+{args.calib_seq_len} tokens from wiki_sample's calibration split (seed 0), {args.n_grid} grid points for the scale
+search and {args.n_grid // 2} clip candidates (llm-awq uses 128 x 512 and 20 / 10; reduced for the 2-core CPU),
+group 128 (hidden 576 = 4 x 128 + a group of 64; intermediate 1536 = 12 x 128). The embedded model was
+stored as 4-bit Q4_1 blocks of 32, so its "FP" weights already sit on a 4-bit grid.
+
+{chr(10).join(rows)}
+
+{peer_text}
+
+Wall time is the search of one `python -m awq.entry` process on the CPU with {threads} intra-op thread(s)
+(the machine's 2 cores are shared; 2 threads were 3x slower under that load), peak RSS that process's
+maximum resident set (model, calibration activations, cache and checkpoint writing).
+
+    OMP_NUM_THREADS={threads} python bench/awq.py --n_windows {args.n_windows} --n_calib {args.n_calib} \\
+        --calib_seq_len {args.calib_seq_len} --n_grid {args.n_grid} --write
+"""
+    print(section)
+    if args.write:
+        write_section(SECTION, section)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""AWQ search and apply on tiny random Llamas: better than RTN, exact folding, bit-exact caches,
+recorded BitMoD grids, layers left unquantized."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from awq.apply import fold_scales
+from awq.cache import load_cache, save_cache
+from awq.pre_quant import apply_awq, run_awq
+from awq.structure import scale_groups
+from tests.awq.helpers import calib_ids, planted_model
+from tests.modeling.conftest import build_tiny
+from wkvaq_quant.config import QuantArgs, QuantPlan
+from wkvaq_quant.formats.bitmod import BITMOD_GRIDS
+from wkvaq_quant.modeling.attach import block_linears, decoder_blocks
+from wkvaq_quant.quantize import quantize
+from wkvaq_quant.weights.blocks import capture_block_inputs, run_block
+from wkvaq_quant.weights.rtn import rtn_quantize
+
+
+def _plan(bits: int = 3, dtype: str = "int", group: int = 32) -> QuantPlan:
+    return QuantPlan.from_flags(w_bits=bits, w_group_size=group, w_dtype=dtype)
+
+
+def _block0_error(model, fp_model, ids) -> float:
+    """Mean squared error of block 0's output against the FP model's, on the same inputs."""
+    inputs = capture_block_inputs(fp_model, ids)
+    ref = torch.cat(run_block(decoder_blocks(fp_model)[0], inputs, "cpu"))
+    out = torch.cat(run_block(decoder_blocks(model)[0], inputs, "cpu"))
+    return (out - ref).pow(2).mean().item()
+
+
+@pytest.mark.parametrize("dtype,bits,group", [("int", 3, 32), ("int", 4, 32), ("bitmod", 3, 32), ("int", 3, 48)])
+def test_awq_beats_rtn_on_planted_outliers(dtype, bits, group):
+    fp = planted_model()
+    plan = _plan(bits, dtype, group)
+    rtn = copy.deepcopy(fp)
+    rtn_quantize(rtn, plan)
+    awq = copy.deepcopy(fp)
+    run_awq(awq, plan, calib_ids(), "tiny", batch_size=8, progress=False)
+    rtn_quantize(awq, plan)
+    held_out = calib_ids(4, 32, seed=123)  # not the calibration data
+    e_rtn, e_awq = _block0_error(rtn, fp, held_out), _block0_error(awq, fp, held_out)
+    assert e_awq < 0.7 * e_rtn, (e_awq, e_rtn)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits
+
+
+def test_scale_folding_is_exact_at_full_precision():
+    fp = planted_model()
+    cache = run_awq(copy.deepcopy(fp), _plan(), calib_ids(), "tiny", batch_size=8, progress=False)
+    assert any(not torch.equal(e["scales"], torch.ones_like(e["scales"])) for e in cache["scale"].values())
+    folded = copy.deepcopy(fp)
+    apply_awq(folded, {"scale": cache["scale"], "clip": {}})
+    assert not torch.equal(folded.model.layers[0].input_layernorm.weight, fp.model.layers[0].input_layernorm.weight)
+    ids = calib_ids(2, 32, seed=7)
+    torch.testing.assert_close(_logits(folded, ids), _logits(fp, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_fc_to_fc_folding_without_gqa_is_exact():
+    """v_proj -> o_proj is a scale group only when the widths match (no GQA); folding is exact."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    mha = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=4, head_dim=16)).eval()
+    gqa = build_tiny("llama")
+    assert [g.prev for g in scale_groups(gqa.model.layers[0])] == [
+        "input_layernorm", "post_attention_layernorm", "mlp.up_proj"]
+    groups = scale_groups(mha.model.layers[0])
+    assert [g.prev for g in groups] == ["input_layernorm", "self_attn.v_proj", "post_attention_layernorm",
+                                        "mlp.up_proj"]
+    ids = calib_ids(2, 16)
+    before = _logits(mha, ids)
+    g = torch.Generator().manual_seed(3)
+    block = mha.model.layers[0]
+    for grp in groups:
+        lins = [block.get_submodule(n) for n in grp.layers]
+        fold_scales(block.get_submodule(grp.prev), lins, torch.rand(lins[0].in_features, generator=g) * 4 + 0.25)
+    torch.testing.assert_close(_logits(mha, ids), before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["int", "bitmod"])
+def test_dump_load_apply_is_bit_exact(tmp_path, dtype):
+    fp = planted_model()
+    plan = _plan(3, dtype)
+    searched = copy.deepcopy(fp)
+    cache = run_awq(searched, plan, calib_ids(), "tiny", batch_size=8, progress=False)
+    path = save_cache(cache, tmp_path / "c" / "cache.pt")
+    assert not list(path.parent.glob(".*tmp"))  # no temporary left behind
+    loaded = load_cache(path)
+    applied = copy.deepcopy(fp)
+    apply_awq(applied, loaded)
+    for (name, a), b in zip(searched.state_dict().items(), applied.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(a, b) for a, b in zip(fp.state_dict().values(), applied.state_dict().values()))
+    rtn_quantize(searched, plan)
+    rtn_quantize(applied, plan)
+    for (name, a), b in zip(searched.state_dict().items(), applied.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_bitmod_grids_recorded_and_reproducible():
+    fp = planted_model()
+    plan = _plan(3, "bitmod")
+    cache = run_awq(copy.deepcopy(fp), plan, calib_ids(), "tiny", batch_size=8, progress=False)
+    names = [name for _, _, name, _ in block_linears(fp)]
+    assert sorted(cache["grid"]) == sorted(names)
+    model = copy.deepcopy(fp)
+    apply_awq(model, cache)
+    scaled = {name: lin.weight.detach().clone() for _, _, name, lin in block_linears(model)}
+    grids = rtn_quantize(model, plan)
+    used = set()
+    for _, _, name, lin in block_linears(model):
+        assert torch.equal(grids[name], cache["grid"][name]), name
+        # independent check: every dequantized group lies on scale x its recorded grid
+        res = quantize(scaled[name], plan.w)
+        co, ci = lin.weight.shape
+        y = (lin.weight.view(co, -1, 32) / res.scale.unsqueeze(-1))
+        for k in range(4):
+            sel = cache["grid"][name] == k
+            if sel.any():
+                used.add(k)
+                values = torch.tensor(BITMOD_GRIDS[3][k])
+                dist = (y[sel].unsqueeze(-1) - values).abs().amin(-1)
+                assert dist.max().item() < 1e-4, (name, k)
+    assert len(used) >= 2  # the per-group choice actually varies
+
+
+@dataclass(frozen=True)
+class _PartlyOffPlan(QuantPlan):
+    """A per-layer plan (as a mix_bits map gives): some Linears stay in full precision."""
+
+    off: tuple[tuple[int, str], ...] = ()
+
+    def linear_args(self, block: int, layer: str) -> tuple[QuantArgs, QuantArgs]:
+        w, a = super().linear_args(block, layer)
+        return (w.replace(bits=16) if (block, layer) in self.off else w), a
+
+
+def test_layers_left_in_full_precision_are_neither_scaled_nor_clipped():
+    fp = planted_model()
+    base = _plan(3, "int")
+    plan = _PartlyOffPlan(w=base.w, off=((0, "q_proj"), (1, "down_proj"), (0, "up_proj")))
+    model = copy.deepcopy(fp)
+    cache = run_awq(model, plan, calib_ids(), "tiny", batch_size=8, progress=False)
+    rtn_quantize(model, plan)
+    sd, sd0 = model.state_dict(), fp.state_dict()
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight",
+                 "model.layers.0.mlp.up_proj.weight",  # not even divided as down_proj's previous op
+                 "model.layers.0.input_layernorm.weight"):  # q_proj's group is skipped entirely
+        assert torch.equal(sd[name], sd0[name]), name
+    assert "model.layers.0.input_layernorm" not in cache["scale"]
+    assert "model.layers.1.mlp.up_proj" not in cache["scale"]
+    assert "model.layers.0.mlp.up_proj" not in cache["scale"]  # up_proj off: down_proj's group skipped
+    assert "model.layers.0.post_attention_layernorm" not in cache["scale"]  # gate/up group holds up_proj
+    assert "model.layers.1.mlp.down_proj" not in cache["clip"]
+    assert "model.layers.1.mlp.down_proj" not in cache["grid"]
+    assert "model.layers.1.input_layernorm" in cache["scale"]  # the rest is still searched
+    assert not torch.equal(sd["model.layers.0.self_attn.k_proj.weight"], sd0["model.layers.0.self_attn.k_proj.weight"])
+    assert cache["meta"]["layers"]["model.layers.0.self_attn.q_proj"] == "fp"
+
+
+def test_recorded_inputs_follow_the_folded_scales():
+    """After folding, the recorded (divided) inputs equal what the scaled block now computes;
+    Linears sharing an input (q/k/v, gate/up) are divided once."""
+    from awq.auto_scale import search_scale
+    from awq.features import collect_features
+
+    fp = planted_model()
+    block = fp.model.layers[0]
+    inputs = capture_block_inputs(fp, calib_ids(4, 16))
+    lins = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    feats = collect_features(block, inputs, "cpu", lins, ["self_attn", "mlp"])
+    w_args = {n: _plan().w for n in lins}
+    with torch.no_grad():
+        for g in scale_groups(block):
+            found = search_scale(block, g, feats, w_args, n_grid=5)
+            fold_scales(block.get_submodule(g.prev), [block.get_submodule(n) for n in g.layers], found.scales)
+            feats.divide_inputs(g.layers, found.scales)
+    fresh = collect_features(block, inputs, "cpu", lins, ["self_attn", "mlp"])
+    for n in lins:
+        torch.testing.assert_close(torch.cat(feats.inputs[n]), torch.cat(fresh.inputs[n]), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,1 @@
+"""Weight quantization algorithms and the block-by-block runner they share."""
