@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wkvaq_quant.config import W_DTYPES, QuantPlan
+from wkvaq_quant.mix_bits import load_quant_config
 
 __all__ = ["AwqConfig"]
 
@@ -14,7 +15,9 @@ __all__ = ["AwqConfig"]
 @dataclass(frozen=True)
 class AwqConfig:
     """model: registry name, directory or hub id. w_bit / q_group_size / wq_dtype /
-    double_quant: the weight format searched for and applied. run_awq: search on calibration
+    double_quant: the weight format searched for and applied. config: an llmc-style YAML whose
+    mix_bits settings give layers their own format or leave them unquantized (neither scaled
+    nor clipped); its quant.method must be Awq (or RTN with --dump_fake only). run_awq: search on calibration
     data; load_awq: apply a cache instead; dump_awq: where the search result goes; dump_fake:
     directory for the fake-quantized checkpoint (without run_awq / load_awq it is plain RTN)."""
 
@@ -37,6 +40,8 @@ class AwqConfig:
     n_grid: int = 20
     batch_size: int = 1
     trust_remote_code: bool = False
+    config: str | None = None  # llmc-style YAML: per-layer settings (mix_bits) refining the flags
+    explicit: tuple = ()  # (main.py flag dest, value) pairs given on the command line, for contradictions
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -72,4 +77,17 @@ class AwqConfig:
                 plan = dataclasses.replace(plan, w=plan.w.replace(double_quant=True))
             except ValueError as err:
                 raise ValueError(f"--use_double_quant: {err}") from None
+        if self.config:
+            quant = load_quant_config(self.config)
+            if quant.method == "Gptq" or (quant.method == "RTN" and (self.run_awq or self.load_awq)):
+                raise ValueError(f"--config {self.config}: quant.method {quant.method} cannot run in awq.entry; "
+                                 f"allowed: quant.method Awq (or RTN with --dump_fake alone)")
+            try:
+                plan = quant.apply(plan, dict(self.explicit))
+            except ValueError as err:  # name this entry's flags
+                raise ValueError(str(err).replace("--w_bits", "--w_bit").replace("--w_group_size", "--q_group_size")
+                                 .replace("--w_dtype", "--wq_dtype")) from None
+            if plan.a.enabled or (plan.layers is not None and plan.layers.has_kv):
+                raise ValueError(f"--config {self.config}: awq.entry quantizes weights only; the act / k_bits / "
+                                 f"v_bits settings belong to main.py (load the result with --awq_model_path_lp)")
         return plan

@@ -22,11 +22,11 @@ import torch
 from awq.cache import check_cache, check_cache_model, load_cache, save_cache
 from awq.config import AwqConfig
 from awq.pre_quant import apply_awq, run_awq
-from wkvaq_quant.cli import add_calib_args
+from wkvaq_quant.cli import add_calib_args, explicit_flags
 from wkvaq_quant.config import W_DTYPES
 from wkvaq_quant.data import DataUnavailableError, get_calib_windows, resolve_text_source
 from wkvaq_quant.models import DTYPES, EMBEDDED_MODEL, UnknownModelError, check_model_available, load_model, \
-    load_tokenizer, resolve_model
+    load_tokenizer, model_depth, resolve_model
 from wkvaq_quant.results import atomic_write_json
 from wkvaq_quant.run import DEVICES, _check_device
 from wkvaq_quant.weights.rtn import rtn_quantize
@@ -52,9 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_grid", type=int, default=20, help="grid points of the scale and clip searches")
     p.add_argument("--batch_size", type=int, default=1, help="calibration windows per block forward")
     p.add_argument("--data_dir", default=None, help="local copies of wikitext2 / c4 (or $WKVAQ_DATA_DIR)")
+    p.add_argument("--config", default=None,
+                   help="llmc-style YAML (quant: method Awq, weight, mix_bits): per-layer weight settings")
     p.add_argument("--no_progress", action="store_true")
     add_calib_args(p)
     return p
+
+
+_MAIN_NAMES = {"w_bit": "w_bits", "q_group_size": "w_group_size", "wq_dtype": "w_dtype"}
+"""This entry's weight flags -> main.py's names (used by the YAML's contradiction check)."""
 
 
 def parse_config(argv: list[str] | None = None) -> AwqConfig:
@@ -66,7 +72,9 @@ def parse_config(argv: list[str] | None = None) -> AwqConfig:
             double_quant=a.use_double_quant, run_awq=a.run_awq, load_awq=a.load_awq, dump_awq=a.dump_awq,
             dump_fake=a.dump_fake, device=a.device, dtype=a.dtype, calib_dataset=a.calib_dataset, n_calib=a.n_calib,
             calib_seq_len=a.calib_seq_len, seed=a.seed, data_dir=a.data_dir, n_grid=a.n_grid,
-            batch_size=a.batch_size, trust_remote_code=a.trust_remote_code, progress=not a.no_progress)
+            batch_size=a.batch_size, trust_remote_code=a.trust_remote_code, progress=not a.no_progress,
+            config=a.config, explicit=tuple((_MAIN_NAMES[k], v) for k, v in explicit_flags(build_parser(), argv).items()
+                                            if k in _MAIN_NAMES))
     except ValueError as err:
         parser.error(str(err))
 
@@ -98,6 +106,8 @@ def run(cfg: AwqConfig, log=print) -> dict:
     source = check_model_available(resolve_model(cfg.model))
     _check_device(cfg.device)
     plan = cfg.plan()
+    if plan.layers is not None:
+        plan.layers.check_depth(model_depth(source, cfg.trust_remote_code))
     cache = load_cache(cfg.load_awq) if cfg.load_awq else None
     if cache is not None:
         check_cache_model(cache, source.name, cfg.load_awq)

@@ -172,3 +172,43 @@ def test_cache_files_refused(tmp_path, int_cache):
 
 class _Unsafe:
     pass
+
+
+def _yaml(tmp_path, text: str):
+    path = tmp_path / "mix.yml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_config_mix_bits_leaves_unquantized_layers_alone(tiny_llama, tmp_path, isolated_cache):
+    """--config: down_proj of block 0 unquantized (neither scaled nor clipped nor rounded), o_proj at 8 bits."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = _yaml(tmp_path, "quant:\n  method: Awq\n  mix_bits:\n    setting_0:\n      layer_name: [down_proj#0]\n"
+                          "      do_quant: False\n    setting_1:\n      layer_name: [o_proj]\n"
+                          "      weight: {bit: 8, symmetric: False, granularity: per_group, group_size: 16}\n")
+    out = tmp_path / "fake"
+    argv = ["--model", str(tiny_llama), "--w_bit", "3", "--q_group_size", "16", "--config", cfg, *CALIB,
+            "--run_awq", "--dump_fake", str(out)]
+    assert entry.main(argv) == 0
+    fp = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    got = AutoModelForCausalLM.from_pretrained(out).eval()
+    fp_sd, got_sd = fp.state_dict(), got.state_dict()
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(got_sd[name], fp_sd[name])  # not scaled (up_proj's scales skip it) and not quantized
+    assert not torch.equal(got_sd["model.layers.1.mlp.down_proj.weight"], fp_sd["model.layers.1.mlp.down_proj.weight"])
+    w_o = got_sd["model.layers.0.self_attn.o_proj.weight"]
+    n_levels = max(len(torch.unique(g)) for g in w_o.view(-1, 16))
+    assert 8 < n_levels <= 256  # 8-bit groups (more than 3-bit's 8 levels)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("quant:\n  method: Gptq\n", "quant.method Gptq cannot run in awq.entry"),
+    ("quant:\n  method: Awq\n  act: {bit: 8, symmetric: True, granularity: per_token}\n", "weights only"),
+    ("quant:\n  method: Awq\n  weight: {bit: 4, symmetric: False, granularity: per_group, group_size: 128}\n",
+     "--w_bit 3 contradicts quant.weight.bit"),
+])
+def test_config_refusals(tmp_path, text, match, capsys, forbid_model_load):
+    with pytest.raises(SystemExit):
+        entry.parse_config(["--w_bit", "3", "--config", _yaml(tmp_path, text), "--dump_fake", str(tmp_path / "d")])
+    assert match in capsys.readouterr().err
