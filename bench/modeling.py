@@ -96,6 +96,7 @@ def forward_times(args: argparse.Namespace) -> list[str]:
     from wkvaq_quant.models import load_model, load_tokenizer, resolve_model
     from wkvaq_quant.modeling import attach
 
+    torch.set_num_threads(args.threads)
     source = resolve_model("smollm2-135m")
     tok = load_tokenizer(source)
     ids = get_eval_windows(check_datasets(["wiki_sample"])["wiki_sample"], tok, 2048, source.add_special_tokens)[:1]
@@ -178,6 +179,8 @@ def main() -> None:
     p.add_argument("--part", choices=("all", "ppl", "time", "fold"), default="all")
     p.add_argument("--n_windows", type=int, default=8)
     p.add_argument("--rounds", type=int, default=5, help="interleaved FP / quantized rounds for the timing")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for the timing (1: stable ratios on a shared machine)")
     p.add_argument("--results_dir", default=str(ROOT / "results" / "bench-modeling"))
     p.add_argument("--write", action="store_true", help="update the section in bench/RESULTS.md")
     args = p.parse_args()
@@ -185,7 +188,8 @@ def main() -> None:
     import torch
 
     lines = [SECTION, "",
-             f"Command: `python bench/modeling.py --n_windows {args.n_windows} --rounds {args.rounds} --write` "
+             f"Command: `python bench/modeling.py --n_windows {args.n_windows} --rounds {args.rounds} "
+             f"--threads {args.threads} --write` "
              f"(x86_64, {torch.get_num_threads()} threads, torch {torch.__version__}).", ""]
     if args.part in ("all", "ppl"):
         lines += [f"Perplexity on the first {args.n_windows} wiki_sample windows x 2048 tokens, FP32, each row "
@@ -195,8 +199,11 @@ def main() -> None:
                   f"lose less than on an FP16 model.", "", *perplexity_table(args), ""]
     if args.part in ("all", "time"):
         lines += [f"Forward time, FP vs quantized interleaved for {args.rounds} rounds in one process "
-                  f"(median), one wiki_sample window of 2048 tokens, FP32, SDPA for p_bits 16 and eager "
-                  f"attention for p_bits 8 (quantized P needs the probabilities).", "", *forward_times(args), ""]
+                  f"(median), one wiki_sample window of 2048 tokens, FP32, {args.threads} torch thread(s), "
+                  f"SDPA for FP and p_bits 16, the blocked eager attention for p_bits 8 (quantized P "
+                  f"needs the probabilities). On a shared 2-core machine two OpenMP threads stall on "
+                  f"each other in the many small elementwise kernels, so ratios are taken single-threaded.",
+                  "", *forward_times(args), ""]
     if args.part in ("all", "fold"):
         lines += ["P' = P * s_v under the V-scale fold (the default with `--p_bits` and `--v_bits`): E4M4 "
                   "saturates at 1.9375, so a token whose V scale s_v exceeds it can lose probability mass "
