@@ -6,10 +6,11 @@ import argparse
 
 from .config import A_DTYPES, KV_METHODS, RESIDUAL_MODES, W_DTYPES, QuantPlan
 from .data import CALIB_DATASETS, EVAL_DATASETS
+from .eval.lm_eval import LMEvalSettings
 from .models import DTYPES, EMBEDDED_MODEL
 from .run import ATTN_IMPLEMENTATIONS, DEVICES, RunConfig
 
-__all__ = ["build_parser", "parse_config", "add_calib_args", "add_quant_args", "plan_from_args"]
+__all__ = ["build_parser", "parse_config", "add_calib_args", "add_quant_args", "add_lm_eval_args", "plan_from_args"]
 
 
 def _positive_int(flag: str):
@@ -69,6 +70,22 @@ def add_quant_args(parser: argparse.ArgumentParser) -> None:
                    help="with --p_bits and --v_bits: quantize P itself instead of P times V's per-token scale")
 
 
+def add_lm_eval_args(parser: argparse.ArgumentParser) -> None:
+    """lm-eval tasks on the quantized model (scores go into the same result file)."""
+    g = parser.add_argument_group("lm-eval tasks")
+    g.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks, e.g. arc_easy,hellaswag, or the "
+                   "offline wkvaq_wiki_sample_ppl,wkvaq_wiki_sample_mc (lm-evaluation-harness/)")
+    g.add_argument("--limit", type=float, default=None, help="documents per task (>= 1) or a fraction (< 1)")
+    g.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
+    g.add_argument("--apply_chat_template", action="store_true", help="wrap prompts in the tokenizer's chat template")
+
+
+def lm_eval_from_args(args: argparse.Namespace) -> LMEvalSettings:
+    tasks = tuple(t.strip() for t in (args.tasks or "").split(",") if t.strip())
+    return LMEvalSettings(tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                          apply_chat_template=args.apply_chat_template, batch_size=args.batch_size)
+
+
 def plan_from_args(args: argparse.Namespace) -> QuantPlan:
     """The QuantPlan of parsed `add_quant_args` flags (raises ValueError naming the flag)."""
     names = ("w_bits", "a_bits", "q_bits", "k_bits", "v_bits", "p_bits", "w_group_size", "a_group_size",
@@ -91,13 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attn_implementation", default="sdpa", choices=ATTN_IMPLEMENTATIONS)
     g.add_argument("--trust_remote_code", action="store_true", help="allow custom modeling code from the hub")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--datasets", default="wiki_sample",
-                   help=f"comma-separated list of {', '.join(EVAL_DATASETS)}")
+    g.add_argument("--datasets", default=None,
+                   help=f"comma-separated list of {', '.join(EVAL_DATASETS)} (default wiki_sample; none with --tasks)")
     g.add_argument("--seq_len", type=int, default=2048, help="tokens per evaluation window")
     g.add_argument("--n_windows", type=int, default=None, help="evaluate only the first N windows")
-    g.add_argument("--batch_size", type=int, default=1, help="windows per forward pass")
+    g.add_argument("--batch_size", type=int, default=1, help="windows (and lm-eval requests) per forward pass")
     g.add_argument("--data_dir", default=None,
                    help="local copies of wikitext2/c4 in their original formats (or $WKVAQ_DATA_DIR)")
+    add_lm_eval_args(p)
     add_quant_args(p)
     g = p.add_argument_group("results")
     g.add_argument("--results_dir", default="results", help="results/<model>/<config-slug>.json")
@@ -113,7 +131,8 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
     try:
         return RunConfig(
             model=args.model,
-            datasets=[d.strip() for d in args.datasets.split(",") if d.strip()],
+            datasets=[d.strip() for d in (args.datasets if args.datasets is not None
+                                          else "" if args.tasks else "wiki_sample").split(",") if d.strip()],
             seq_len=args.seq_len,
             n_windows=args.n_windows,
             batch_size=args.batch_size,
@@ -127,6 +146,7 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
             progress=not args.no_progress,
             plan=plan_from_args(args),
             awq_model_path_lp=args.awq_model_path_lp,
+            lm_eval=lm_eval_from_args(args),
         )
     except ValueError as err:
         parser.error(str(err))
