@@ -10,7 +10,7 @@ from .eval.lm_eval import LMEvalSettings
 from .models import DTYPES, EMBEDDED_MODEL
 from .run import ATTN_IMPLEMENTATIONS, DEVICES, RunConfig
 
-__all__ = ["build_parser", "parse_config", "add_calib_args", "add_quant_args", "add_lm_eval_args", "plan_from_args"]
+__all__ = ["build_parser", "parse_args", "parse_config", "add_calib_args", "add_quant_args", "add_lm_eval_args", "plan_from_args"]
 
 
 def _positive_int(flag: str):
@@ -121,32 +121,43 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--results_dir", default="results", help="results/<model>/<config-slug>.json")
     g.add_argument("--overwrite", action="store_true", help="recompute even if a result exists")
     g.add_argument("--no_progress", action="store_true", help="no progress bars")
+    g.add_argument("--print_result_path", action="store_true",
+                   help="print 'done PATH' or 'todo PATH' for this setting's result file and exit (loads nothing)")
     return p
 
 
 def parse_config(argv: list[str] | None = None) -> RunConfig:
     """Parse flags into a validated RunConfig; bad values exit with the flag's name."""
+    return parse_args(argv)[1]
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, RunConfig]:
+    """(parsed flags, validated RunConfig); bad values exit with the flag's name."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return RunConfig(
-            model=args.model,
-            datasets=[d.strip() for d in (args.datasets if args.datasets is not None
-                                          else "" if args.tasks else "wiki_sample").split(",") if d.strip()],
-            seq_len=args.seq_len,
-            n_windows=args.n_windows,
-            batch_size=args.batch_size,
-            device=args.device,
-            dtype=args.dtype,
-            attn_implementation=args.attn_implementation,
-            data_dir=args.data_dir,
-            results_dir=args.results_dir,
-            overwrite=args.overwrite,
-            trust_remote_code=args.trust_remote_code,
-            progress=not args.no_progress,
-            plan=plan_from_args(args),
-            awq_model_path_lp=args.awq_model_path_lp,
-            lm_eval=lm_eval_from_args(args),
-        )
+        return args, _config(args)
     except ValueError as err:
         parser.error(str(err))
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    return RunConfig(
+        model=args.model,
+        datasets=[d.strip() for d in (args.datasets if args.datasets is not None
+                                      else "" if args.tasks else "wiki_sample").split(",") if d.strip()],
+        seq_len=args.seq_len,
+        n_windows=args.n_windows,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        attn_implementation=args.attn_implementation,
+        data_dir=args.data_dir,
+        results_dir=args.results_dir,
+        overwrite=args.overwrite,
+        trust_remote_code=args.trust_remote_code,
+        progress=not args.no_progress,
+        plan=plan_from_args(args),
+        awq_model_path_lp=args.awq_model_path_lp,
+        lm_eval=lm_eval_from_args(args),
+    )

@@ -21,7 +21,7 @@ from .modeling.checkpoint import check_checkpoint, load_checkpoint_weights
 from .models import DTYPES, check_model_available, load_model, load_tokenizer, resolve_model
 from .results import atomic_write_json, environment_versions, now_iso, read_result, result_path
 
-__all__ = ["RunConfig", "run", "ATTN_IMPLEMENTATIONS", "DEVICES"]
+__all__ = ["RunConfig", "run", "result_status", "ATTN_IMPLEMENTATIONS", "DEVICES"]
 
 DEVICES = ("cpu", "cuda")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -101,6 +101,16 @@ class RunConfig:
 def _check_device(device: str) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here (use --device cpu)")
+
+
+def result_status(cfg: RunConfig) -> tuple[Path, bool]:
+    """(result file, finished): finished when the file holds every requested dataset and task
+    (never with --overwrite). Loads nothing; sweeps use it to skip finished settings."""
+    path = result_path(cfg.results_dir, resolve_model(cfg.model).name, cfg.slug())
+    record = read_result(path)
+    wanted = {*cfg.datasets, *map(cfg.lm_eval.key, cfg.lm_eval.tasks)}
+    have = set(record["results"]) | set(record.get("tasks", {})) if record else set()
+    return path, not cfg.overwrite and record is not None and wanted <= have
 
 
 def run(cfg: RunConfig, log=print) -> dict:
