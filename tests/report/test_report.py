@@ -168,3 +168,18 @@ def test_layer_bits_table_asks_the_plan_per_layer():
     assert table["layers"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert table["w_bits"] == [[4, 4, 4, 16, 4, 4, 4], [4, 4, 4, 16, 4, 4, 8], [4, 4, 4, 16, 4, 4, 4]]
     assert table["a_bits"] == [[8, 8, 8, 16, 8, 8, 8]] * 3
+
+
+def test_run_stores_the_layer_table_of_a_per_layer_plan(tmp_path, tiny_llama, isolated_cache):
+    from wkvaq_quant.run import RunConfig, run
+
+    base = QuantPlan.from_flags(w_bits=4, w_group_size=16, a_bits=8)
+    plan = _MixedPlan(**{f: getattr(base, f) for f in ("w", "a", "q", "k", "v", "p", "kv")})
+    rec = run(RunConfig(model=str(tiny_llama), seq_len=64, n_windows=1, results_dir=str(tmp_path), progress=False,
+                        plan=plan), log=lambda msg: None)
+    assert rec["layer_bits"]["w_bits"] == [[4, 4, 4, 16, 4, 4, 4], [4, 4, 4, 16, 4, 4, 8]]  # 2 blocks
+    uniform = run(RunConfig(model=str(tiny_llama), seq_len=64, n_windows=1, results_dir=str(tmp_path / "u"),
+                            progress=False, plan=base), log=lambda msg: None)
+    assert "layer_bits" not in uniform
+    assert plot_layer_heatmap(load_records(tmp_path / rec["model"]["name"]), tmp_path / "h.png") == [f"{rec['model']['name']}: "
+                                                                               f"{rec['slug'].split('-float32')[0]}"]
