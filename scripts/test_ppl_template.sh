@@ -26,7 +26,7 @@ read -r -a kv_residual_len_list <<<"${KV_RESIDUAL_LEN_LIST:-0}"
 read -r -a p_bits_list <<<"${P_BITS_LIST:-16}"   # full setting only (8 = E4M4; 16 = off)
 apply_k_scale="${APPLY_K_SCALE:-both}"           # on | off | both
 k_quant_post_rope="${K_QUANT_POST_ROPE:-off}"    # on | off
-datasets="${DATASETS:-wiki_sample}"
+datasets="${DATASETS-wiki_sample}"                # empty: no perplexity (lm-eval sweeps)
 n_windows="${N_WINDOWS:-2}"
 seq_len="${SEQ_LEN:-2048}"
 AWQ_DIR="${AWQ_DIR:-}"                           # optional: fake-quantized AWQ weights, see below
