@@ -150,8 +150,24 @@ def test_bad_lm_eval_flags_fail_before_loading(tiny, tmp_path, isolated_cache, n
     assert re.search(match, capsys.readouterr().err)
 
 
+def test_hub_task_with_unreachable_hub_fails_fast(monkeypatch):
+    from lm_eval.tasks import TaskManager
+
+    from wkvaq_quant import hub
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(TaskManager, "__init__", lambda self, **kw: pytest.fail("no task index without the hub"))
+    with pytest.raises(DataUnavailableError, match="--tasks arc_easy,hellaswag: the Hugging Face hub is not reachable"
+                                                   ".*HF_DATASETS_OFFLINE=1"):
+        load_task_manager(["arc_easy", MC, "hellaswag"])
+
+
 def test_hub_task_offline_gets_a_clear_message(monkeypatch):
     from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # offline requested: the datasets cache is tried
 
     monkeypatch.setattr(TaskManager, "all_tasks", property(lambda self: ["arc_easy", PPL, MC]), raising=False)
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import hub
 from ..data import DataUnavailableError
 
 __all__ = ["TASKS_DIR", "LMEvalSettings", "local_tasks", "load_task_manager", "check_chat_template",
@@ -75,14 +76,20 @@ def local_tasks(tasks_dir: Path = TASKS_DIR) -> list[str]:
 def load_task_manager(tasks: list[str] | tuple[str, ...]):
     """A TaskManager that knows `tasks`, with their datasets loadable; raises before any model is loaded.
 
-    Unknown names raise ValueError; a hub task whose dataset cannot be loaded (offline, no cache)
-    raises DataUnavailableError saying what it needs.
+    Unknown names raise ValueError; a hub task while the hub is unreachable (and offline mode is not
+    requested), or whose dataset cannot be loaded, raises DataUnavailableError saying what it needs.
     """
     from lm_eval.tasks import TaskManager, get_task_dict
 
     local = set(local_tasks())
-    hub = [t for t in tasks if t not in local]
-    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=bool(hub))
+    hub_tasks = [t for t in tasks if t not in local]
+    offline_hint = (f"The task needs its dataset from the Hugging Face hub: run once with network access (or copy "
+                    f"the datasets cache into $HF_HOME) and then offline with HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1; "
+                    f"the offline tasks {', '.join(sorted(local))} need no download")
+    if hub_tasks and not hub.offline_requested() and not hub.hub_reachable():
+        raise DataUnavailableError(f"--tasks {','.join(hub_tasks)}: the Hugging Face hub is not reachable. "
+                                   f"{offline_hint} (set those variables to use a cached copy)")
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=bool(hub_tasks))
     known = set(manager.all_tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:
@@ -94,11 +101,8 @@ def load_task_manager(tasks: list[str] | tuple[str, ...]):
         except Exception as err:  # lm-eval and datasets raise many kinds on a missing dataset
             if task in local:
                 raise
-            raise DataUnavailableError(
-                f"--tasks {task}: its dataset could not be loaded ({type(err).__name__}: {err}). The task needs "
-                f"its dataset from the Hugging Face hub: run once with network access (or copy the datasets cache "
-                f"into $HF_HOME) and then offline with HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1; the offline tasks "
-                f"{', '.join(sorted(local))} need no download") from err
+            raise DataUnavailableError(f"--tasks {task}: its dataset could not be loaded ({type(err).__name__}: "
+                                       f"{err}). {offline_hint}") from err
     return manager
 
 
