@@ -86,15 +86,15 @@ def load_task_manager(tasks: list[str] | tuple[str, ...]):
     offline_hint = (f"The task needs its dataset from the Hugging Face hub: run once with network access (or copy "
                     f"the datasets cache into $HF_HOME) and then offline with HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1; "
                     f"the offline tasks {', '.join(sorted(local))} need no download")
-    if hub_tasks and not hub.offline_requested() and not hub.hub_reachable():
-        raise DataUnavailableError(f"--tasks {','.join(hub_tasks)}: the Hugging Face hub is not reachable. "
-                                   f"{offline_hint} (set those variables to use a cached copy)")
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=bool(hub_tasks))
     known = set(manager.all_tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:
         raise ValueError(f"--tasks: unknown task(s) {', '.join(unknown)}; allowed: the offline tasks "
                          f"{', '.join(sorted(local))} or any lm-eval task (python -m lm_eval ls tasks)")
+    if hub_tasks and not hub.offline_requested() and not hub.hub_reachable():
+        raise DataUnavailableError(f"--tasks {','.join(hub_tasks)}: the Hugging Face hub is not reachable. "
+                                   f"{offline_hint} (set those variables to use a cached copy)")
     for task in tasks:
         try:
             get_task_dict([task], manager)
