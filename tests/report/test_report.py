@@ -128,6 +128,10 @@ def test_kv_plot_series_points(tmp_path):
     series = kv_series(load_records(store(tmp_path), warn=lambda m: None), "wiki_sample")
     assert series["tiny-a float32 seq2048 nw8: kv*-KTVT-kscale"] == [(2.0, 25.0), (4.0, 20.5)]
     assert series["tiny-a float32 seq2048 nw8: kv*-KTVT"] == [(2.0, 40.0), (4.0, 21.5)]
+    unpaired = [record("m", f"k{k}v{v}-KTVT-float32-seq2048-nw8-0000000{i}", ppl={"wiki_sample": p}, k_bits=k, v_bits=v)
+                for i, (k, v, p) in enumerate([(4, 4, 21.0), (2, 4, 30.0), (4, 2, 35.0), (2, 2, 50.0)])]
+    assert kv_series(unpaired, "wiki_sample") == {"m float32 seq2048 nw8: kv*-KTVT, V2": [(2.0, 50.0), (4.0, 35.0)],
+                                                  "m float32 seq2048 nw8: kv*-KTVT, V4": [(2.0, 30.0), (4.0, 21.0)]}
 
 
 def test_heatmap_of_layer_tables(tmp_path):

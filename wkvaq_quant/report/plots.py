@@ -32,16 +32,22 @@ def _pick_dataset(records: list[dict], dataset: str | None) -> str:
 
 
 def kv_series(records: list[dict], dataset: str) -> dict[str, list[tuple[float, float]]]:
-    """label -> sorted (mean K/V bits, ppl) points. A series is one model, protocol and KV mode
-    (everything in the setting except the K/V bit widths and group sizes)."""
-    series: dict[str, list[tuple[float, float]]] = {}
+    """label -> sorted (K bits, ppl) points. A series is one model, protocol and KV mode (everything
+    in the setting except the K/V bit widths and group sizes); a mode whose runs pair K and V bits
+    differently is split into one series per V width (`..., V2`)."""
+    modes: dict[str, list[tuple[int, int, float]]] = {}
     for r in records:
         k, v = _kv_bits(r)
         if min(k, v) >= 16 or dataset not in r.get("results", {}):
             continue
         mode = _KV_TOKEN.sub(r"\1kv*", setting_of(r)).strip("-")
-        label = f"{r['model']['name']} {protocol_of(r)}: {mode}"
-        series.setdefault(label, []).append(((min(k, 16) + min(v, 16)) / 2, r["results"][dataset]["ppl"]))
+        modes.setdefault(f"{r['model']['name']} {protocol_of(r)}: {mode}", []).append(
+            (min(k, 16), min(v, 16), r["results"][dataset]["ppl"]))
+    series: dict[str, list[tuple[float, float]]] = {}
+    for label, points in modes.items():
+        paired = all(k == v for k, v, _ in points)
+        for k, v, ppl in points:
+            series.setdefault(label if paired else f"{label}, V{v}", []).append((float(k), ppl))
     return {label: sorted(points) for label, points in sorted(series.items())}
 
 
@@ -55,7 +61,7 @@ def _new_figure(width: float, height: float):
 
 
 def plot_kv_bits(records: list[dict], path: str | Path, dataset: str | None = None) -> list[str]:
-    """Perplexity vs mean K/V bits, one line per KV mode; the FP perplexity of each model and protocol
+    """Perplexity vs K/V bits, one line per KV mode (see kv_series); the FP perplexity of each model and protocol
     as a dashed horizontal line. Returns the legend's series labels (in drawing order)."""
     dataset = _pick_dataset(records, dataset)
     series = kv_series(records, dataset)
@@ -73,7 +79,7 @@ def plot_kv_bits(records: list[dict], path: str | Path, dataset: str | None = No
             ax.axhline(r["results"][dataset]["ppl"], linestyle="--", color="gray", linewidth=1)
             ax.annotate(f"FP {ref}", (0.01, r["results"][dataset]["ppl"]), xycoords=("axes fraction", "data"),
                         fontsize=7, color="gray", va="bottom")
-    ax.set_xlabel("K/V bits (mean of K and V)")
+    ax.set_xlabel("K bits (= V bits unless the series names V)")
     ax.set_ylabel(f"{dataset} perplexity")
     ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
