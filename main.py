@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import sys
 
-from wkvaq_quant.cli import parse_config
+from wkvaq_quant.cli import parse_args
 from wkvaq_quant.data import DataUnavailableError
 from wkvaq_quant.eval.ppl import NonFiniteLossError
 from wkvaq_quant.models import UnknownModelError
-from wkvaq_quant.run import format_table, run, show_plan
+from wkvaq_quant.run import format_table, result_status, run, show_plan
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(argv)
+    args, cfg = parse_args(argv)
     try:
         if cfg.show_plan:
             print(show_plan(cfg))
+            return 0
+        if args.print_result_path:
+            path, done = result_status(cfg)
+            print(f"{'done' if done else 'todo'} {path}")
             return 0
         record = run(cfg)
     except (ValueError, DataUnavailableError, NonFiniteLossError, UnknownModelError) as err:

@@ -18,23 +18,19 @@ bash scripts/install.sh
 # one entry per row of the table: "label|extra flags"
 settings=(
   "FP (${DTYPE})|"
+  "W4 g128, A8 FP8, K4V4 KTVT g64|--w_bits 4 --w_group_size 128 --a_bits 8 --k_bits 4 --v_bits 4 --k_group_size 64 --v_group_size 64"
 )
 
 common=(--model smollm2-135m --datasets wiki_sample --seq_len "$SEQ_LEN" --n_windows "$N_WINDOWS"
         --device "$DEVICE" --dtype "$DTYPE" --results_dir "$RESULTS_DIR")
-rows=()
 for entry in "${settings[@]}"; do
   label="${entry%%|*}"; flags="${entry#*|}"
   echo "=== $label"
   # shellcheck disable=SC2086
-  out="$("$PY" main.py "${common[@]}" $flags | tee /dev/stderr | grep -E '^\| wiki_sample' || true)"
-  ppl="$(echo "$out" | awk -F'|' '{gsub(/ /, "", $5); print $5}')"
-  rows+=("| $label | ${ppl:-failed} |")
+  "$PY" main.py "${common[@]}" $flags || echo "=== $label failed"
 done
 
 echo
-echo "SmolLM2-135M on wiki_sample, ${N_WINDOWS} windows x ${SEQ_LEN} tokens (results in $RESULTS_DIR/):"
-echo "| setting | wiki_sample ppl |"
-echo "|---|---:|"
-printf '%s\n' "${rows[@]}"
+echo "SmolLM2-135M on wiki_sample, ${N_WINDOWS} windows x ${SEQ_LEN} tokens (results in $RESULTS_DIR/; python -m wkvaq_quant.report):"
+"$PY" -m wkvaq_quant.report "$RESULTS_DIR" --model smollm2-135m
 echo "note: the embedded model's weights were stored as 4-bit Q4_1 (blocks of 32); its FP baseline already sits on a 4-bit grid."

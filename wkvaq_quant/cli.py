@@ -6,11 +6,12 @@ import argparse
 
 from .config import A_DTYPES, KV_METHODS, RESIDUAL_MODES, W_DTYPES, QuantPlan
 from .data import CALIB_DATASETS, EVAL_DATASETS
+from .eval.lm_eval import LMEvalSettings
 from .mix_bits import load_quant_config
 from .models import DTYPES, EMBEDDED_MODEL
 from .run import ATTN_IMPLEMENTATIONS, DEVICES, RunConfig
 
-__all__ = ["build_parser", "parse_config", "add_calib_args", "add_quant_args", "explicit_flags", "plan_from_args"]
+__all__ = ["build_parser", "parse_args", "parse_config", "add_calib_args", "add_quant_args", "add_lm_eval_args", "explicit_flags", "plan_from_args"]
 
 
 def _positive_int(flag: str):
@@ -81,6 +82,22 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> d
     return vars(parser.parse_args(argv))
 
 
+def add_lm_eval_args(parser: argparse.ArgumentParser) -> None:
+    """lm-eval tasks on the quantized model (scores go into the same result file)."""
+    g = parser.add_argument_group("lm-eval tasks")
+    g.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks, e.g. arc_easy,hellaswag, or the "
+                   "offline wkvaq_wiki_sample_ppl,wkvaq_wiki_sample_mc (lm-evaluation-harness/)")
+    g.add_argument("--limit", type=float, default=None, help="documents per task (>= 1) or a fraction (< 1)")
+    g.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
+    g.add_argument("--apply_chat_template", action="store_true", help="wrap prompts in the tokenizer's chat template")
+
+
+def lm_eval_from_args(args: argparse.Namespace) -> LMEvalSettings:
+    tasks = tuple(t.strip() for t in (args.tasks or "").split(",") if t.strip())
+    return LMEvalSettings(tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                          apply_chat_template=args.apply_chat_template, batch_size=args.batch_size)
+
+
 def plan_from_args(args: argparse.Namespace) -> QuantPlan:
     """The QuantPlan of parsed `add_quant_args` flags (raises ValueError naming the flag)."""
     names = ("w_bits", "a_bits", "q_bits", "k_bits", "v_bits", "p_bits", "w_group_size", "a_group_size",
@@ -103,54 +120,68 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attn_implementation", default="sdpa", choices=ATTN_IMPLEMENTATIONS)
     g.add_argument("--trust_remote_code", action="store_true", help="allow custom modeling code from the hub")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--datasets", default="wiki_sample",
-                   help=f"comma-separated list of {', '.join(EVAL_DATASETS)}")
+    g.add_argument("--datasets", default=None,
+                   help=f"comma-separated list of {', '.join(EVAL_DATASETS)} (default wiki_sample; none with --tasks)")
     g.add_argument("--seq_len", type=int, default=2048, help="tokens per evaluation window")
     g.add_argument("--n_windows", type=int, default=None, help="evaluate only the first N windows")
-    g.add_argument("--batch_size", type=int, default=1, help="windows per forward pass")
+    g.add_argument("--batch_size", type=int, default=1, help="windows (and lm-eval requests) per forward pass")
     g.add_argument("--data_dir", default=None,
                    help="local copies of wikitext2/c4 in their original formats (or $WKVAQ_DATA_DIR)")
+    add_lm_eval_args(p)
     add_quant_args(p)
     g = p.add_argument_group("results")
     g.add_argument("--results_dir", default="results", help="results/<model>/<config-slug>.json")
     g.add_argument("--overwrite", action="store_true", help="recompute even if a result exists")
     g.add_argument("--no_progress", action="store_true", help="no progress bars")
+    g.add_argument("--print_result_path", action="store_true",
+                   help="print 'done PATH' or 'todo PATH' for this setting's result file and exit (loads nothing)")
     return p
 
 
 def parse_config(argv: list[str] | None = None) -> RunConfig:
     """Parse flags into a validated RunConfig; bad values exit with the flag's name."""
+    return parse_args(argv)[1]
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, RunConfig]:
+    """(parsed flags, validated RunConfig); bad values exit with the flag's name."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        plan, method = plan_from_args(args), "RTN"
-        if args.config:
-            quant = load_quant_config(args.config)
-            method = quant.method
-            if method != "RTN" and not args.show_plan:
-                raise ValueError(f"--config {args.config}: quant.method {method} is not available in main.py yet "
-                                 f"({method} runs through its own entry point); main.py runs quant.method: RTN "
-                                 f"(--show_plan prints the plan of any method)")
-            plan = quant.apply(plan, explicit_flags(build_parser(), argv))
-        return RunConfig(
-            model=args.model,
-            datasets=[d.strip() for d in args.datasets.split(",") if d.strip()],
-            seq_len=args.seq_len,
-            n_windows=args.n_windows,
-            batch_size=args.batch_size,
-            device=args.device,
-            dtype=args.dtype,
-            attn_implementation=args.attn_implementation,
-            data_dir=args.data_dir,
-            results_dir=args.results_dir,
-            overwrite=args.overwrite,
-            trust_remote_code=args.trust_remote_code,
-            progress=not args.no_progress,
-            plan=plan,
-            awq_model_path_lp=args.awq_model_path_lp,
-            config_file=args.config,
-            weight_method=method,
-            show_plan=args.show_plan,
-        )
+        return args, _config(args, argv)
     except ValueError as err:
         parser.error(str(err))
+
+
+def _config(args: argparse.Namespace, argv: list[str] | None) -> RunConfig:
+    plan, method = plan_from_args(args), "RTN"
+    if args.config:
+        quant = load_quant_config(args.config)
+        method = quant.method
+        if method != "RTN" and not args.show_plan:
+            raise ValueError(f"--config {args.config}: quant.method {method} is not available in main.py yet "
+                             f"({method} runs through its own entry point); main.py runs quant.method: RTN "
+                             f"(--show_plan prints the plan of any method)")
+        plan = quant.apply(plan, explicit_flags(build_parser(), argv))
+    return RunConfig(
+        model=args.model,
+        datasets=[d.strip() for d in (args.datasets if args.datasets is not None
+                                      else "" if args.tasks else "wiki_sample").split(",") if d.strip()],
+        seq_len=args.seq_len,
+        n_windows=args.n_windows,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        attn_implementation=args.attn_implementation,
+        data_dir=args.data_dir,
+        results_dir=args.results_dir,
+        overwrite=args.overwrite,
+        trust_remote_code=args.trust_remote_code,
+        progress=not args.no_progress,
+        plan=plan,
+        awq_model_path_lp=args.awq_model_path_lp,
+        config_file=args.config,
+        weight_method=method,
+        show_plan=args.show_plan,
+        lm_eval=lm_eval_from_args(args),
+    )

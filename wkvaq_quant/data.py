@@ -32,6 +32,7 @@ __all__ = [
     "resolve_text_source",
     "check_datasets",
     "wiki_sample_texts",
+    "wiki_sample_split_articles",
     "tokenize_corpus",
     "nonoverlapping_windows",
     "get_eval_windows",
@@ -225,11 +226,16 @@ def _wiki_sample_articles(path: str) -> list[tuple[str, str]]:
     return articles
 
 
-def _wiki_sample_split(split: str, path: str) -> str:
-    articles = _wiki_sample_articles(path)
-    keep = [f"= {title} =\n\n{body}" for i, (title, body) in enumerate(articles)
+def wiki_sample_split_articles(split: str, path: str | None = None) -> list[str]:
+    """The articles of one wiki_sample split ("eval" or "calib") as `= Title =\n\nbody`, in order;
+    the split's text is these joined with "\n\n"."""
+    articles = _wiki_sample_articles(path or str(_gensim_wiki_path()))
+    return [f"= {title} =\n\n{body}" for i, (title, body) in enumerate(articles)
             if (i % CALIB_EVERY == CALIB_EVERY - 1) == (split == "calib")]
-    return "\n\n".join(keep)
+
+
+def _wiki_sample_split(split: str, path: str) -> str:
+    return "\n\n".join(wiki_sample_split_articles(split, path))
 
 
 def _wikitext_rows_from_raw(path: str) -> list[str]:

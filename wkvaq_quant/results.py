@@ -13,19 +13,23 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_json", "read_result", "environment_versions", "result_path", "now_iso"]
+__all__ = ["atomic_write_json", "atomic_write_text", "read_result", "environment_versions", "result_path", "now_iso"]
 
 _PACKAGES = ("torch", "transformers", "datasets", "tokenizers", "accelerate", "safetensors", "lm_eval", "numpy")
 
 
 def atomic_write_json(path: str | os.PathLike, payload: Any) -> None:
-    """Write JSON so that `path` is either the old file, absent, or the complete new file.
+    """Write JSON so that `path` is either the old file, absent, or the complete new file."""
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
-    The payload is serialized fully first, written to a temporary file in the same
-    directory, flushed to disk, and renamed over `path` (atomic on POSIX).
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` so that `path` is either the old file, absent, or the complete new file.
+
+    The text is written to a temporary file in the same directory, flushed to disk, and
+    renamed over `path` (atomic on POSIX).
     """
     path = Path(path)
-    text = json.dumps(payload, indent=2, sort_keys=False, allow_nan=False) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -12,15 +12,18 @@ import torch
 
 from .config import QuantPlan
 from .data import EVAL_DATASETS, check_datasets, get_eval_windows
+from .eval.lm_eval import LMEvalSettings, check_chat_template, evaluate_tasks, load_task_manager
 from .eval.ppl import evaluate_perplexity
+from .layer_bits import layer_bits_table
 from .modeling import attach
+from .modeling.attach import decoder_blocks
 from .modeling.checkpoint import check_checkpoint, load_checkpoint_weights
 from .mix_bits import METHODS
 from .models import DTYPES, ModelSource, check_model_available, load_model, load_tokenizer, model_depth, resolve_model
 from .plan_table import format_plan
 from .results import atomic_write_json, environment_versions, now_iso, read_result, result_path
 
-__all__ = ["RunConfig", "run", "show_plan", "ATTN_IMPLEMENTATIONS", "DEVICES"]
+__all__ = ["RunConfig", "run", "result_status", "show_plan", "ATTN_IMPLEMENTATIONS", "DEVICES"]
 
 DEVICES = ("cpu", "cuda")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -50,6 +53,7 @@ class RunConfig:
     config_file: str | None = None  # the llmc-style YAML the plan was refined by (--config)
     weight_method: str = "RTN"  # weight algorithm (the YAML's quant.method); main.py runs RTN
     show_plan: bool = False  # print the resolved per-layer plan and stop (--show_plan)
+    lm_eval: LMEvalSettings = field(default_factory=LMEvalSettings)  # --tasks ...: scores in the same file
 
     def __post_init__(self) -> None:
         if not isinstance(self.plan, QuantPlan):
@@ -57,7 +61,9 @@ class RunConfig:
         if isinstance(self.datasets, str):
             self.datasets = [d for d in self.datasets.split(",") if d]
         unknown = [d for d in self.datasets if d not in EVAL_DATASETS]
-        if not self.datasets or unknown:
+        if not isinstance(self.lm_eval, LMEvalSettings):
+            raise ValueError(f"RunConfig.lm_eval must be LMEvalSettings, got {type(self.lm_eval).__name__}")
+        if (not self.datasets and not self.lm_eval.tasks) or unknown:
             raise ValueError(f"--datasets: unknown or missing dataset(s) {unknown or self.datasets}; "
                              f"allowed values: {', '.join(EVAL_DATASETS)}")
         if self.seq_len <= 0:
@@ -122,6 +128,14 @@ def show_plan(cfg: RunConfig) -> str:
     head = (f"plan {cfg.plan.slug()} on {source.name} ({depth} blocks), weight method {cfg.weight_method}"
             + (f", from {cfg.config_file}" if cfg.config_file else ""))
     return head + "\n" + format_plan(cfg.plan, depth)
+def result_status(cfg: RunConfig) -> tuple[Path, bool]:
+    """(result file, finished): finished when the file holds every requested dataset and task
+    (never with --overwrite). Loads nothing; sweeps use it to skip finished settings."""
+    path = result_path(cfg.results_dir, resolve_model(cfg.model).name, cfg.slug())
+    record = read_result(path)
+    wanted = {*cfg.datasets, *map(cfg.lm_eval.key, cfg.lm_eval.tasks)}
+    have = set(record["results"]) | set(record.get("tasks", {})) if record else set()
+    return path, not cfg.overwrite and record is not None and wanted <= have
 
 
 def run(cfg: RunConfig, log=print) -> dict:
@@ -137,20 +151,23 @@ def run(cfg: RunConfig, log=print) -> dict:
         _check_depth(cfg, source)
     if cfg.awq_model_path_lp:
         check_checkpoint(cfg.awq_model_path_lp)
-    text_sources = check_datasets(cfg.datasets, cfg.data_dir)
+    text_sources = check_datasets(cfg.datasets, cfg.data_dir) if cfg.datasets else {}
     path = result_path(cfg.results_dir, source.name, cfg.slug())
     record = None if cfg.overwrite else read_result(path)
-    done = set(record["results"]) if record else set()
+    done = set(record["results"]) | set(record.get("tasks", {})) if record else set()
     todo = [d for d in cfg.datasets if d not in done]
-    for d in cfg.datasets:
+    task_todo = [t for t in cfg.lm_eval.tasks if cfg.lm_eval.key(t) not in done]
+    for d in [*cfg.datasets, *map(cfg.lm_eval.key, cfg.lm_eval.tasks)]:
         if d in done:
             log(f"[wkvaq] {d}: reusing {path} (pass --overwrite to recompute)")
     if source.note:
         log(f"[wkvaq] note: {source.note}")
-    if not todo:
+    if not todo and not task_todo:
         return record
 
+    task_manager = load_task_manager(task_todo) if task_todo else None  # names and datasets checked here
     tokenizer = load_tokenizer(source, cfg.trust_remote_code)
+    check_chat_template(tokenizer, cfg.lm_eval)
     windows: dict[str, torch.Tensor] = {}
     available: dict[str, int] = {}
     for name in todo:
@@ -171,6 +188,7 @@ def run(cfg: RunConfig, log=print) -> dict:
     if not cfg.plan.is_full_precision:
         attach(model, cfg.plan, keep_originals=False)
         log(f"[wkvaq] quantization: {cfg.plan.slug()} (attention: {model.config._attn_implementation})")
+    layer_bits = layer_bits_table(cfg.plan, len(decoder_blocks(model)))  # per-layer maps only
 
     record = record or {
         "model": {"name": source.name, "kind": source.kind, "path": source.path,
@@ -180,6 +198,8 @@ def run(cfg: RunConfig, log=print) -> dict:
         "results": {},
         "created": now_iso(),
     }
+    if layer_bits:
+        record["layer_bits"] = layer_bits
     for name in todo:
         res = evaluate_perplexity(model, windows[name], cfg.batch_size, desc=name, progress=cfg.progress)
         record["results"][name] = {**res.to_dict(), "available_windows": available[name],
@@ -189,6 +209,14 @@ def run(cfg: RunConfig, log=print) -> dict:
         atomic_write_json(path, record)  # after every dataset: finished work is never lost
         log(f"[wkvaq] {name}: ppl {res.ppl:.4f} over {res.windows} windows x {res.seq_len} tokens "
             f"({res.tokens_per_second:.0f} tok/s)")
+    if task_todo:
+        scores, _ = evaluate_tasks(model, tokenizer, cfg.lm_eval, task_todo, task_manager, max_length=cfg.seq_len)
+        record.setdefault("tasks", {}).update(scores)
+        record.update(updated=now_iso(), model_load_s=load_s, versions=environment_versions(),
+                      device=_device_name(cfg.device), peak_rss_mb=_peak_rss_mb())
+        atomic_write_json(path, record)
+        for key, entry in scores.items():
+            log(f"[wkvaq] {key}: {entry['primary']} {entry['metrics'][entry['primary']]:.4f}")
     record["total_s"] = time.perf_counter() - started
     atomic_write_json(path, record)
     log(f"[wkvaq] wrote {path}")
@@ -212,9 +240,13 @@ def _peak_rss_mb() -> float | None:
 
 
 def format_table(record: dict) -> str:
-    """A small Markdown table of a record's perplexities."""
-    rows = ["| dataset | windows | seq_len | ppl |", "|---|---:|---:|---:|"]
+    """A small Markdown table of a record's perplexities (and lm-eval scores)."""
+    rows = ["| dataset | windows | seq_len | ppl |", "|---|---:|---:|---:|"] if record["results"] else []
     for name, r in record["results"].items():
         rows.append(f"| {name} | {r['windows']} | {r['seq_len']} | {r['ppl']:.4f} |")
+    if record.get("tasks"):
+        rows += [""] * bool(rows) + ["| task | metric | value | samples |", "|---|---|---:|---:|"]
+        for key, t in record["tasks"].items():
+            rows.append(f"| {key} | {t['primary']} | {t['metrics'][t['primary']]:.4f} | {t['n_samples']} |")
     return "\n".join(rows)
 
