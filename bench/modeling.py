@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -190,7 +192,7 @@ def main() -> None:
     lines = [SECTION, "",
              f"Command: `python bench/modeling.py --n_windows {args.n_windows} --rounds {args.rounds} "
              f"--threads {args.threads} --write` "
-             f"(x86_64, {torch.get_num_threads()} threads, torch {torch.__version__}).", ""]
+             f"({platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}).", ""]
     if args.part in ("all", "ppl"):
         lines += [f"Perplexity on the first {args.n_windows} wiki_sample windows x 2048 tokens, FP32, each row "
                   f"a `main.py` run with the flags shown (and `--model smollm2-135m --datasets wiki_sample "
