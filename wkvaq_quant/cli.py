@@ -54,6 +54,10 @@ def add_weight_algo_args(parser: argparse.ArgumentParser) -> None:
                         "its own group's)")
     g.add_argument("--gptq_next_inputs", default="quantized", choices=NEXT_INPUTS,
                    help="what the next block sees: the quantized block's outputs or the full-precision block's")
+    g.add_argument("--layer_wise", action="store_true",
+                   help="quantize the checkpoint's safetensors shards one decoder block at a time into --save_quant "
+                        "(resumable) and stop; evaluate the result with --model DIR")
+    g.add_argument("--save_quant", default=None, help="output directory of --layer_wise")
 
 
 def weight_algo_from_args(args: argparse.Namespace, name: str) -> WeightAlgo:
@@ -182,6 +186,8 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
             weight_method=method,
             show_plan=args.show_plan,
             weight_algo=weight_algo_from_args(args, "gptq" if method == "Gptq" else "rtn"),
+            layer_wise=args.layer_wise,
+            save_quant=args.save_quant,
         )
     except ValueError as err:
         parser.error(str(err))

@@ -52,6 +52,8 @@ class RunConfig:
     weight_method: str = "RTN"  # weight algorithm (the YAML's quant.method); main.py runs RTN
     show_plan: bool = False  # print the resolved per-layer plan and stop (--show_plan)
     weight_algo: WeightAlgo = field(default_factory=WeightAlgo)  # --weight_algo and its settings
+    layer_wise: bool = False  # write a quantized checkpoint block by block (--layer_wise) and stop
+    save_quant: str | None = None  # where --layer_wise writes it
 
     def __post_init__(self) -> None:
         if not isinstance(self.plan, QuantPlan):
@@ -81,6 +83,8 @@ class RunConfig:
         if self.weight_algo.name != "rtn" and not quantizes_weights(self.plan):
             raise ValueError(f"--weight_algo {self.weight_algo.name} needs quantized weights; allowed: --w_bits below "
                              f"16 (or a --config weight setting), or --weight_algo rtn")
+        if self.save_quant and not self.layer_wise:
+            raise ValueError("--save_quant DIR is written by --layer_wise; allowed: --layer_wise --save_quant DIR")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"--attn_implementation {self.attn_implementation!r}: allowed values are "
                              f"{', '.join(ATTN_IMPLEMENTATIONS)}")

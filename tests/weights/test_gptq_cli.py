@@ -101,3 +101,34 @@ def test_gptq_run_end_to_end_and_from_yaml(tmp_path, tiny_llama, isolated_cache)
     rec = _ppl(tmp_path, "map")
     assert rec["config"]["weight_method"] == "Gptq" and "-mix" in rec["slug"]
     assert rec["results"]["wiki_sample"]["ppl"] != pytest.approx(ppl_gptq, rel=1e-6)
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--layer_wise"], "--layer_wise needs --save_quant DIR"),
+    (["--save_quant", "x"], "--save_quant DIR is written by --layer_wise"),
+    (["--layer_wise", "--save_quant", "x", "--a_bits", "8"], "--layer_wise writes quantized weights only"),
+])
+def test_layer_wise_flags_refused_before_loading(tmp_path, tiny_llama, capsys, no_model_load, flags, match):
+    argv = main_argv(tiny_llama, tmp_path, *RUN, *flags)
+    try:
+        code = main_module.main(argv)
+    except SystemExit as err:
+        code = err.code
+    assert code == 2
+    assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("algo", ["rtn", "gptq"])
+def test_layer_wise_checkpoint_evaluates_like_the_in_memory_run(tmp_path, tiny_llama, isolated_cache, capsys, algo):
+    out = tmp_path / "quant"
+    argv = main_argv(tiny_llama, tmp_path / "lw", *RUN, "--weight_algo", algo, "--layer_wise", "--save_quant", str(out))
+    assert main_module.main(argv) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.index("{\n"):])
+    assert summary["complete"] and summary["blocks"] == 2 and summary["weight_algo"]["name"] == algo
+    assert (out / "model.safetensors.index.json").is_file() and (out / "tokenizer.json").is_file()
+    assert main_module.main(argv) == 0  # complete: nothing to do again
+    assert main_module.main(main_argv(out, tmp_path / "eval", *BASE)) == 0
+    assert main_module.main(main_argv(tiny_llama, tmp_path / "mem", *RUN, "--weight_algo", algo)) == 0
+    assert _ppl(tmp_path, "eval")["results"]["wiki_sample"]["ppl"] == \
+        pytest.approx(_ppl(tmp_path, "mem")["results"]["wiki_sample"]["ppl"], rel=1e-6)
