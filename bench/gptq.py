@@ -23,7 +23,8 @@ from _results_md import write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## GPTQ (bench/gptq.py)"
-BITS = (4, 3)
+SETTINGS = ((4, ()), (4, ("--act_order",)), (3, ()))
+"""(bits, extra GPTQ flags) of each GPTQ row."""
 
 
 def _main_py(args, work: Path, *flags: str) -> dict:
@@ -56,20 +57,21 @@ def main() -> None:
     fp = _main_py(args, work)
     rows = ["| weights | RTN ppl | GPTQ ppl | GPTQ vs RTN | GPTQ time | main.py wall time (GPTQ run) |",
             "|---|---:|---:|---:|---:|---:|"]
-    for bits in BITS:
+    for bits, extra in SETTINGS:
         w = ["--w_bits", str(bits), "--w_group_size", str(args.group_size)]
         rtn = _main_py(args, work, *w)
-        gptq = _main_py(args, work, *w, "--weight_algo", "gptq", *calib)
+        gptq = _main_py(args, work, *w, "--weight_algo", "gptq", *calib, *extra)
         r, g = rtn["results"]["wiki_sample"]["ppl"], gptq["results"]["wiki_sample"]["ppl"]
-        print(f"W{bits}: RTN {r:.3f} GPTQ {g:.3f} in {gptq['weight_algo_s']:.0f} s", flush=True)
-        rows.append(f"| W{bits} g{args.group_size} int | {r:.3f} | {g:.3f} | {g / r:.3f}x | "
+        name = f"W{bits} g{args.group_size} int" + "".join(f" {e}" for e in extra)
+        print(f"{name}: RTN {r:.3f} GPTQ {g:.3f} in {gptq['weight_algo_s']:.0f} s", flush=True)
+        rows.append(f"| {name} | {r:.3f} | {g:.3f} | {g / r:.3f}x | "
                     f"{gptq['weight_algo_s']:.0f} s | {gptq['total_s']:.0f} s |")
     threads = os.environ.get("OMP_NUM_THREADS", "default")
     section = f"""{SECTION}
 
 Embedded SmolLM2-135M (FP32), perplexity on the first {args.n_windows} wiki_sample evaluation windows x 2048
 tokens; FP: **{fp['results']['wiki_sample']['ppl']:.3f}**. GPTQ (`main.py --weight_algo gptq`): percdamp 0.01,
-lazy batches of 128 columns, no act_order, true-sequential, next block sees the quantized block; calibration
+lazy batches of 128 columns, act_order where the row says so, true-sequential, next block sees the quantized block; calibration
 {args.n_calib} windows x {args.calib_seq_len} tokens from wiki_sample's calibration split (seed 0; the reference
 uses 128 x 2048, reduced for the 2-core CPU). Asymmetric INT with an integer zero point, group {args.group_size}.
 
