@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 from wkvaq_quant.cli import parse_args
@@ -9,6 +10,7 @@ from wkvaq_quant.data import DataUnavailableError
 from wkvaq_quant.eval.ppl import NonFiniteLossError
 from wkvaq_quant.models import UnknownModelError
 from wkvaq_quant.run import format_table, result_status, run, show_plan
+from wkvaq_quant.weights.layerwise_run import run_layer_wise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_result_path:
             path, done = result_status(cfg)
             print(f"{'done' if done else 'todo'} {path}")
+            return 0
+        if cfg.layer_wise:
+            print(json.dumps(run_layer_wise(cfg), indent=1))
             return 0
         record = run(cfg)
     except (ValueError, DataUnavailableError, NonFiniteLossError, UnknownModelError) as err:

@@ -10,8 +10,12 @@ from .eval.lm_eval import LMEvalSettings
 from .mix_bits import load_quant_config
 from .models import DTYPES, EMBEDDED_MODEL
 from .run import ATTN_IMPLEMENTATIONS, DEVICES, RunConfig
+from .weights.algo import WEIGHT_ALGOS, CalibConfig, WeightAlgo
+from .weights.blocks import NEXT_INPUTS
+from .weights.gptq import GptqConfig
 
-__all__ = ["build_parser", "parse_args", "parse_config", "add_calib_args", "add_quant_args", "add_lm_eval_args", "explicit_flags", "plan_from_args"]
+__all__ = ["build_parser", "parse_args", "parse_config", "add_calib_args", "add_quant_args", "add_lm_eval_args",
+           "add_weight_algo_args", "explicit_flags", "plan_from_args", "weight_algo_from_args"]
 
 
 def _positive_int(flag: str):
@@ -36,6 +40,33 @@ def add_calib_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--calib_seq_len", type=_positive_int("--calib_seq_len"), default=512,
                    help="tokens per calibration window")
     g.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+
+
+def add_weight_algo_args(parser: argparse.ArgumentParser) -> None:
+    """--weight_algo and GPTQ's flags (calibration data: add_calib_args)."""
+    g = parser.add_argument_group("weight algorithm")
+    g.add_argument("--weight_algo", default="rtn", choices=WEIGHT_ALGOS,
+                   help="rtn: round to nearest; gptq: GPTQ on the calibration windows before evaluation")
+    g.add_argument("--percdamp", type=float, default=GptqConfig.percdamp,
+                   help="GPTQ dampening: this fraction of the mean of diag(H) is added to the diagonal")
+    g.add_argument("--act_order", action="store_true", help="GPTQ: columns in order of decreasing diag(H)")
+    g.add_argument("--static_groups", action="store_true",
+                   help="GPTQ: group parameters from the original weights (with --act_order: each column keeps "
+                        "its own group's)")
+    g.add_argument("--gptq_next_inputs", default="quantized", choices=NEXT_INPUTS,
+                   help="what the next block sees: the quantized block's outputs or the full-precision block's")
+    g.add_argument("--layer_wise", action="store_true",
+                   help="quantize the checkpoint's safetensors shards one decoder block at a time into --save_quant "
+                        "(resumable) and stop; evaluate the result with --model DIR")
+    g.add_argument("--save_quant", default=None, help="output directory of --layer_wise")
+
+
+def weight_algo_from_args(args: argparse.Namespace, name: str) -> WeightAlgo:
+    """The WeightAlgo `name` with the settings of parsed add_weight_algo_args / add_calib_args flags."""
+    return WeightAlgo(name=name, gptq=GptqConfig(percdamp=args.percdamp, act_order=args.act_order,
+                                                 static_groups=args.static_groups, next_inputs=args.gptq_next_inputs),
+                      calib=CalibConfig(dataset=args.calib_dataset, n_samples=args.n_calib, seq_len=args.calib_seq_len,
+                                        seed=args.seed))
 
 
 def add_quant_args(parser: argparse.ArgumentParser) -> None:
@@ -129,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local copies of wikitext2/c4 in their original formats (or $WKVAQ_DATA_DIR)")
     add_lm_eval_args(p)
     add_quant_args(p)
+    add_weight_algo_args(p)
+    add_calib_args(p)
     g = p.add_argument_group("results")
     g.add_argument("--results_dir", default="results", help="results/<model>/<config-slug>.json")
     g.add_argument("--overwrite", action="store_true", help="recompute even if a result exists")
@@ -154,14 +187,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, RunCo
 
 
 def _config(args: argparse.Namespace, argv: list[str] | None) -> RunConfig:
-    plan, method = plan_from_args(args), "RTN"
+    plan, method = plan_from_args(args), "Gptq" if args.weight_algo == "gptq" else "RTN"
     if args.config:
         quant = load_quant_config(args.config)
-        method = quant.method
-        if method != "RTN" and not args.show_plan:
-            raise ValueError(f"--config {args.config}: quant.method {method} is not available in main.py yet "
-                             f"({method} runs through its own entry point); main.py runs quant.method: RTN "
-                             f"(--show_plan prints the plan of any method)")
+        if quant.method == "Awq" and not args.show_plan:
+            raise ValueError(f"--config {args.config}: quant.method Awq is not available in main.py yet "
+                             f"(Awq runs through its own entry point, python -m awq.entry --config); main.py runs "
+                             f"quant.method: RTN or Gptq (--show_plan prints the plan of any method)")
+        if quant.method != "RTN":
+            method = quant.method
         plan = quant.apply(plan, explicit_flags(build_parser(), argv))
     return RunConfig(
         model=args.model,
@@ -184,4 +218,7 @@ def _config(args: argparse.Namespace, argv: list[str] | None) -> RunConfig:
         weight_method=method,
         show_plan=args.show_plan,
         lm_eval=lm_eval_from_args(args),
+        weight_algo=weight_algo_from_args(args, "gptq" if method == "Gptq" else "rtn"),
+        layer_wise=args.layer_wise,
+        save_quant=args.save_quant,
     )

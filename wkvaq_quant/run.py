@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .config import QuantPlan
-from .data import EVAL_DATASETS, check_datasets, get_eval_windows
+from .data import EVAL_DATASETS, check_datasets, get_calib_windows, get_eval_windows, resolve_text_source
 from .eval.lm_eval import LMEvalSettings, check_chat_template, evaluate_tasks, load_task_manager
 from .eval.ppl import evaluate_perplexity
 from .layer_bits import layer_bits_table
@@ -22,6 +22,7 @@ from .mix_bits import METHODS
 from .models import DTYPES, ModelSource, check_model_available, load_model, load_tokenizer, model_depth, resolve_model
 from .plan_table import format_plan
 from .results import atomic_write_json, environment_versions, now_iso, read_result, result_path
+from .weights.algo import WeightAlgo, quantizes_weights, run_weight_algo
 
 __all__ = ["RunConfig", "run", "result_status", "show_plan", "ATTN_IMPLEMENTATIONS", "DEVICES"]
 
@@ -54,6 +55,9 @@ class RunConfig:
     weight_method: str = "RTN"  # weight algorithm (the YAML's quant.method); main.py runs RTN
     show_plan: bool = False  # print the resolved per-layer plan and stop (--show_plan)
     lm_eval: LMEvalSettings = field(default_factory=LMEvalSettings)  # --tasks ...: scores in the same file
+    weight_algo: WeightAlgo = field(default_factory=WeightAlgo)  # --weight_algo and its settings
+    layer_wise: bool = False  # write a quantized checkpoint block by block (--layer_wise) and stop
+    save_quant: str | None = None  # where --layer_wise writes it
 
     def __post_init__(self) -> None:
         if not isinstance(self.plan, QuantPlan):
@@ -80,6 +84,13 @@ class RunConfig:
             raise ValueError(f"--dtype {self.dtype!r}: allowed values are {', '.join(DTYPES)}")
         if self.weight_method not in METHODS:
             raise ValueError(f"quant.method {self.weight_method!r}: allowed values are {', '.join(METHODS)}")
+        if not isinstance(self.weight_algo, WeightAlgo):
+            raise ValueError(f"RunConfig.weight_algo must be a WeightAlgo, got {type(self.weight_algo).__name__}")
+        if self.weight_algo.name != "rtn" and not quantizes_weights(self.plan):
+            raise ValueError(f"--weight_algo {self.weight_algo.name} needs quantized weights; allowed: --w_bits below "
+                             f"16 (or a --config weight setting), or --weight_algo rtn")
+        if self.save_quant and not self.layer_wise:
+            raise ValueError("--save_quant DIR is written by --layer_wise; allowed: --layer_wise --save_quant DIR")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"--attn_implementation {self.attn_implementation!r}: allowed values are "
                              f"{', '.join(ATTN_IMPLEMENTATIONS)}")
@@ -94,6 +105,9 @@ class RunConfig:
         if self.awq_model_path_lp:
             numeric["awq_model_path_lp"] = str(Path(self.awq_model_path_lp).resolve())
             parts.insert(0, "lp-" + Path(self.awq_model_path_lp).resolve().name)
+        if self.weight_algo.name != "rtn":  # RTN runs keep their earlier slug
+            numeric["weight_algo"] = self.weight_algo.to_dict()
+            parts.insert(0, self.weight_algo.slug())
         if self.n_windows is not None:
             parts.append(f"nw{self.n_windows}")
         if self.attn_implementation != defaults["attn_implementation"]:
@@ -102,7 +116,7 @@ class RunConfig:
         return "-".join(parts) + f"-{digest}"
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "plan": self.plan.to_dict()}
+        return {**asdict(self), "plan": self.plan.to_dict(), "weight_algo": self.weight_algo.to_dict()}
 
 
 def _check_device(device: str) -> None:
@@ -152,6 +166,8 @@ def run(cfg: RunConfig, log=print) -> dict:
     if cfg.awq_model_path_lp:
         check_checkpoint(cfg.awq_model_path_lp)
     text_sources = check_datasets(cfg.datasets, cfg.data_dir) if cfg.datasets else {}
+    algo = cfg.weight_algo
+    calib_source = resolve_text_source(algo.calib.dataset, "calib", cfg.data_dir) if algo.needs_calib else None
     path = result_path(cfg.results_dir, source.name, cfg.slug())
     record = None if cfg.overwrite else read_result(path)
     done = set(record["results"]) | set(record.get("tasks", {})) if record else set()
@@ -180,13 +196,21 @@ def run(cfg: RunConfig, log=print) -> dict:
                              f"{name} has at --seq_len {cfg.seq_len}")
         windows[name] = all_windows[: cfg.n_windows] if cfg.n_windows else all_windows
 
+    calib = None if calib_source is None else get_calib_windows(
+        calib_source, tokenizer, algo.calib.n_samples, algo.calib.seq_len, algo.calib.seed, source.add_special_tokens)
     model, load_s = load_model(source, cfg.dtype, cfg.device, cfg.attn_implementation, cfg.trust_remote_code)
     log(f"[wkvaq] loaded {source.path} ({source.kind}) in {load_s:.1f}s on {cfg.device} as {cfg.dtype}")
     if cfg.awq_model_path_lp:
         n = load_checkpoint_weights(model, cfg.awq_model_path_lp)
         log(f"[wkvaq] loaded {n} tensors from {cfg.awq_model_path_lp}")
-    if not cfg.plan.is_full_precision:
-        attach(model, cfg.plan, keep_originals=False)
+    plan, algo_s = cfg.plan, None
+    if calib is not None:
+        t0 = time.perf_counter()
+        plan = run_weight_algo(model, cfg.plan, algo, calib, cfg.device, cfg.progress)
+        algo_s = time.perf_counter() - t0
+        log(f"[wkvaq] {algo.slug()}: weights quantized in {algo_s:.1f}s")
+    if not plan.is_full_precision:
+        attach(model, plan, keep_originals=False)
         log(f"[wkvaq] quantization: {cfg.plan.slug()} (attention: {model.config._attn_implementation})")
     layer_bits = layer_bits_table(cfg.plan, len(decoder_blocks(model)))  # per-layer maps only
 
@@ -204,6 +228,8 @@ def run(cfg: RunConfig, log=print) -> dict:
         res = evaluate_perplexity(model, windows[name], cfg.batch_size, desc=name, progress=cfg.progress)
         record["results"][name] = {**res.to_dict(), "available_windows": available[name],
                                    "source": text_sources[name].describe()}
+        if algo_s is not None:
+            record["weight_algo_s"] = algo_s
         record.update(updated=now_iso(), model_load_s=load_s, versions=environment_versions(),
                       device=_device_name(cfg.device), peak_rss_mb=_peak_rss_mb())
         atomic_write_json(path, record)  # after every dataset: finished work is never lost

@@ -14,12 +14,16 @@ __all__ = ["rtn_quantize"]
 
 
 @torch.no_grad()
-def rtn_quantize(model: nn.Module, plan: QuantPlan, device: torch.device | str | None = None) -> dict[str, Tensor]:
+def rtn_quantize(model: nn.Module, plan: QuantPlan, device: torch.device | str | None = None,
+                 blocks: set[int] | None = None) -> dict[str, Tensor]:
     """Fake-quantize each enabled decoder Linear's weight in place (on `device` when given, one
-    Linear at a time). Returns the chosen per-group grid ids [out, n_groups] (uint8, CPU) of every
-    Linear whose format picks a grid per group (BitMoD); disabled Linears are left untouched."""
+    Linear at a time), only in the decoder blocks `blocks` when given. Returns the chosen per-group
+    grid ids [out, n_groups] (uint8, CPU) of every Linear whose format picks a grid per group
+    (BitMoD); disabled Linears are left untouched."""
     grids: dict[str, Tensor] = {}
     for block, short, name, lin in block_linears(model):
+        if blocks is not None and block not in blocks:
+            continue
         w_args = plan.linear_args(block, short)[0]
         if not w_args.enabled:
             continue

@@ -1,0 +1,260 @@
+"""GPTQ (Frantar et al., arXiv 2210.17323): quantize a Linear's weight column by column, spreading
+each column's rounding error over the columns not yet quantized through the inverse Hessian of
+the layer's inputs.
+
+For a Linear with weight W [out, in] and calibration inputs X [n, in]:
+
+    H    = 2/n * X^T X  (+ percdamp * mean(diag H) * I)
+    Hinv = upper Cholesky factor of H^-1
+    for column i:  q = Q(w_i);  err = (w_i - q) / Hinv[i, i];  W[:, i:] -= err * Hinv[i, i:]
+
+with lazy batch updates (the columns of one block of `blocksize` are updated at once, the rest
+of W once per block). Group parameters (scale, zero, BitMoD grid) are chosen from the current,
+error-updated columns of a group when the group starts (blocks are cut so that a group starting
+inside a block ends inside it, so these columns hold every update), or, with `static_groups`,
+from the original weight before any update. `act_order` quantizes the columns in order of
+decreasing diag(H); with static groups each column still uses its own original group's
+parameters. Any weight format of the core works: its `choose_qparams` / `apply` run per group
+and per column.
+
+Inside a decoder block the Linears are quantized in true-sequential order (q/k/v, then o, then
+gate/up, then down): the inputs of a later group are recorded after the earlier ones are
+quantized. The next block sees the quantized block's outputs, or the full-precision block's
+(`next_inputs`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from wkvaq_quant.config import QuantArgs, QuantPlan
+from wkvaq_quant.formats import QParams, get_format
+from wkvaq_quant.modeling.attach import block_linears
+from wkvaq_quant.weights.blocks import NEXT_INPUTS, BlockInputs, capture_block_inputs, for_each_block, run_block
+
+__all__ = ["SEQUENTIAL", "GptqConfig", "GptqResult", "HessianAccumulator", "gptq_block", "gptq_quantize",
+           "gptq_weight"]
+
+SEQUENTIAL = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+"""True-sequential order of the Linears inside a decoder block (short names)."""
+
+
+@dataclass(frozen=True)
+class GptqConfig:
+    """percdamp: dampening, a fraction of the mean of diag(H) added to the diagonal.
+    blocksize: columns per lazy batch update. act_order: columns in order of decreasing diag(H).
+    static_groups: group parameters from the original weight (before any update).
+    next_inputs: what the next block sees ("quantized" or "fp", see blocks.NEXT_INPUTS)."""
+
+    percdamp: float = 0.01
+    blocksize: int = 128
+    act_order: bool = False
+    static_groups: bool = False
+    next_inputs: str = "quantized"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) \
+                or not 0 <= self.percdamp <= 1:
+            raise ValueError(f"--percdamp {self.percdamp!r}: allowed: a number in [0, 1]")
+        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize <= 0:
+            raise ValueError(f"GPTQ blocksize {self.blocksize!r}: allowed: a positive integer")
+        for flag, v in (("--act_order", self.act_order), ("--static_groups", self.static_groups)):
+            if not isinstance(v, bool):
+                raise ValueError(f"{flag} {v!r}: allowed: True, False")
+        if self.next_inputs not in NEXT_INPUTS:
+            raise ValueError(f"--gptq_next_inputs {self.next_inputs!r}: allowed: {', '.join(NEXT_INPUTS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GptqResult:
+    """weight: the fake-quantized weight [out, in] (the input's dtype). loss: sum over columns of
+    (w - q)^2 / Hinv[i, i]^2 / 2. qparams: the parameters of every group in the order they were
+    used (static groups: in column order; one entry for per-channel / per-tensor)."""
+
+    weight: Tensor
+    loss: float
+    qparams: list[QParams] = field(default_factory=list)
+
+
+class _Quantizer:
+    """The core format of `args`, applied with parameters chosen from a slice of columns."""
+
+    def __init__(self, args: QuantArgs) -> None:
+        if args.double_quant:
+            raise ValueError("GPTQ with double_quant (--use_double_quant): the UINT8 scale code of a row depends "
+                             "on every group's scale, which GPTQ chooses one group at a time; allowed: "
+                             "double_quant=False")
+        self.args, self.fmt = args, get_format(args.dtype)
+        self.per_tensor = args.granularity == "per_tensor"
+
+    def params(self, cols: Tensor) -> QParams:
+        # cols [rows, n] -> one group per row [rows, 1, n] (per tensor: [1, 1, rows * n])
+        g = cols.reshape(1, 1, -1) if self.per_tensor else cols.unsqueeze(1)
+        return self.fmt.choose_qparams(g.contiguous(), self.args)
+
+    def column(self, w: Tensor, qp: QParams) -> Tensor:
+        g = w.reshape(-1, 1, 1)  # w [rows] -> [rows, 1, 1]
+        out = torch.empty_like(g)
+        self.fmt.apply(g, qp, self.args, out)
+        return out.view(-1)
+
+
+def _hinv(H: Tensor, percdamp: float) -> Tensor:
+    """Upper Cholesky factor of (H + damp I)^-1."""
+    H = H.clone()
+    damp = percdamp * torch.mean(torch.diag(H))
+    H.diagonal().add_(damp)
+    try:
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.cholesky_inverse(L)
+        return torch.linalg.cholesky(Hinv, upper=True)
+    except torch.linalg.LinAlgError:
+        raise ValueError(f"GPTQ: the Hessian is not positive definite with --percdamp {percdamp}; "
+                         f"allowed: a larger --percdamp (e.g. 0.1), or more calibration data") from None
+
+
+@torch.no_grad()
+def gptq_weight(weight: Tensor, H: Tensor, args: QuantArgs, cfg: GptqConfig = GptqConfig()) -> GptqResult:
+    """GPTQ of one weight [out, in] with the Hessian H [in, in] of its inputs (see module doc)."""
+    if not args.enabled:
+        return GptqResult(weight=weight, loss=0.0)
+    rows, cols = weight.shape
+    if H.shape != (cols, cols):
+        raise ValueError(f"GPTQ: Hessian shape {tuple(H.shape)} does not match the weight's {cols} input columns")
+    quant = _Quantizer(args)
+    gs = args.group_size if args.granularity == "per_group" else -1
+    W = weight.detach().to(torch.float32).clone()
+    H = H.detach().to(device=W.device, dtype=torch.float32).clone()
+    qparams: list[QParams] = [] if gs != -1 else [quant.params(W)]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    static: list[QParams] = []
+    if gs != -1 and cfg.static_groups:
+        static = [quant.params(W[:, s: s + gs]) for s in range(0, cols, gs)]
+        qparams = static
+    perm = torch.arange(cols, device=W.device)
+    if cfg.act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    Hinv = _hinv(H, cfg.percdamp)
+    Q = torch.zeros_like(W)
+    loss = torch.zeros((), dtype=torch.float64, device=W.device)
+    qp = qparams[0] if qparams else None
+    i1 = 0
+    while i1 < cols:
+        i2 = min(i1 + cfg.blocksize, cols)
+        if gs != -1 and not cfg.static_groups:
+            last_start = (i2 - 1) // gs * gs  # a group starting inside this block must end inside it
+            if i1 < last_start < cols and last_start + gs > i2 and i2 < cols:
+                i2 = last_start
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if gs != -1:
+                if cfg.static_groups:
+                    qp = static[int(perm[col]) // gs]
+                elif col % gs == 0:
+                    # the group's current columns: in W1 when inside the block, else W (up to date at i1)
+                    cur = W1[:, i: i + gs] if col + gs <= i2 or i2 == cols else W[:, col: col + gs]
+                    qp = quant.params(cur)
+                    qparams.append(qp)
+            w, d = W1[:, i], Hinv1[i, i]
+            q = quant.column(w, qp)
+            Q[:, col] = q
+            err = (w - q) / d
+            loss += (err.double() ** 2).sum() / 2
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        i1 = i2
+    if cfg.act_order:
+        Q = Q[:, torch.argsort(perm)]
+    return GptqResult(weight=Q.to(weight.dtype), loss=float(loss), qparams=qparams)
+
+
+class HessianAccumulator:
+    """H = 2/n * sum of x^T x over the n input rows a Linear sees (a forward pre-hook)."""
+
+    def __init__(self, in_features: int, device: torch.device | str) -> None:
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, x: Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(device=self.sum.device, dtype=torch.float32)  # [..., in] -> [n, in]
+        self.sum.addmm_(x.T, x)
+        self.n += x.shape[0]
+
+    def hook(self, _mod: nn.Module, inputs: tuple) -> None:
+        self.add(inputs[0])
+
+    @property
+    def H(self) -> Tensor:
+        if self.n == 0:
+            raise RuntimeError("GPTQ: the Linear saw no inputs during calibration")
+        return self.sum * (2.0 / self.n)
+
+
+def _sequential_groups(linears: list[tuple[str, nn.Linear]]) -> list[list[tuple[str, nn.Linear]]]:
+    """The block's Linears in true-sequential order; Linears SEQUENTIAL does not name come last."""
+    named = {n for g in SEQUENTIAL for n in g}
+    groups = [[(s, m) for s, m in linears if s in g] for g in SEQUENTIAL]
+    groups.append([(s, m) for s, m in linears if s not in named])
+    return [g for g in groups if g]
+
+
+@torch.no_grad()
+def gptq_block(block: nn.Module, index: int, linears: list[tuple[str, nn.Linear]], inputs: BlockInputs,
+               plan: QuantPlan, cfg: GptqConfig, device: torch.device | str) -> dict[str, float]:
+    """GPTQ every enabled Linear (short name, module) of decoder block `index` (on `device`) in
+    true-sequential order, in place; returns the loss of each quantized Linear by short name."""
+    losses: dict[str, float] = {}
+    for group in _sequential_groups(linears):
+        todo = [(s, m, plan.linear_args(index, s)[0]) for s, m in group]
+        todo = [(s, m, a) for s, m, a in todo if a.enabled]
+        if not todo:
+            continue
+        accs = [HessianAccumulator(m.in_features, device) for _, m, _ in todo]
+        handles = [m.register_forward_pre_hook(acc.hook) for (_, m, _), acc in zip(todo, accs)]
+        try:
+            run_block(block, inputs, device)
+        finally:
+            for h in handles:
+                h.remove()
+        for (short, m, args), acc in zip(todo, accs):
+            res = gptq_weight(m.weight, acc.H, args, cfg)
+            m.weight.copy_(res.weight)
+            losses[short] = res.loss
+        del accs
+    return losses
+
+
+def gptq_quantize(model: nn.Module, plan: QuantPlan, calib_ids: Tensor, cfg: GptqConfig = GptqConfig(),
+                  device: torch.device | str = "cpu", batch_size: int = 1, progress: bool = True) -> dict[str, float]:
+    """GPTQ every enabled decoder Linear of `model` on `calib_ids` [n, T], block by block, in place
+    (settings per Linear from `plan.linear_args`; disabled Linears are left untouched).
+    Returns the loss of every quantized Linear by full module name."""
+    by_block: dict[int, list[tuple[str, str, nn.Linear]]] = {}
+    for b, short, name, lin in block_linears(model):
+        by_block.setdefault(b, []).append((short, name, lin))
+    losses: dict[str, float] = {}
+
+    def process(i: int, block: nn.Module, block_inputs: BlockInputs) -> None:
+        entries = by_block.get(i, [])
+        names = {short: name for short, name, _ in entries}
+        found = gptq_block(block, i, [(s, m) for s, _, m in entries], block_inputs, plan, cfg, device)
+        losses.update({names[s]: v for s, v in found.items()})
+
+    inputs = capture_block_inputs(model, calib_ids, device, batch_size)
+    for_each_block(model, inputs, process, device, next_inputs=cfg.next_inputs, progress=progress,
+                   desc="GPTQ blocks")
+    return losses
