@@ -40,11 +40,13 @@ case "$k_quant_post_rope" in on) rope_flags=(--k_quant_post_rope) ;; off) rope_f
 
 has_part() { [[ " ${sweep_parts[*]} " == *" $1 "* ]]; }
 
-# AWQ_DIR/<model>/w<bits>-g<group>-<dtype> (a state-dict file or safetensors directory), when it
-# exists, is loaded over the model for the weight settings (--awq_model_path_lp); otherwise RTN.
+# AWQ_DIR/<model>-w<bits>-g<group>[-<dtype>] (the name scripts/awq/run_awq_save_4b_model.sh gives
+# its checkpoints in SAVE_DIR; no suffix for int), when it exists, is loaded over the model for the
+# weight settings (--awq_model_path_lp); otherwise RTN.
 weight_flags() {  # model w_bits w_group_size
   local flags=(--w_bits "$2" --w_group_size "$3" --w_dtype "$wq_dtype")
-  local awq="$AWQ_DIR/$1/w$2-g$3-$wq_dtype"
+  local suffix=""; [[ "$wq_dtype" != int ]] && suffix="-$wq_dtype"
+  local awq="$AWQ_DIR/$(basename "$1")-w$2-g$3$suffix"
   if [[ -n "$AWQ_DIR" && -e "$awq" ]]; then flags+=(--awq_model_path_lp "$awq"); fi
   echo "${flags[@]}"
 }
