@@ -53,10 +53,6 @@ SETTINGS: list[tuple[str, str]] = [
     ("W4A8KV4 (Q8) + k-scale + P8", f"{W4A8KV4} --apply_k_scale --p_bits 8"),
     ("W4A8KV4 (Q8) + k-scale + P8, no V-scale fold", f"{W4A8KV4} --apply_k_scale --p_bits 8 --no_fold_v_scale"),
     ("KV4 KTVT + k-scale, post-RoPE", f"{KV4} --apply_k_scale --k_quant_post_rope"),
-    ("W3 g128 BitMoD", "--w_bits 3 --w_group_size 128 --w_dtype bitmod"),
-    ("W4A8 (A INT8 per token)", f"{W4} {A8} --a_dtype int"),
-    ("KV3 KTVT", "--k_bits 3 --v_bits 3 --k_group_size 64 --v_group_size 64"),
-    ("KV3 KTVT + k-scale", "--k_bits 3 --v_bits 3 --k_group_size 64 --v_group_size 64 --apply_k_scale"),
 ]
 
 TIMED = {
