@@ -1,11 +1,36 @@
-"""Shared by the benchmarks: replace one section of bench/RESULTS.md, leaving the others."""
+"""Shared by the benchmarks: run `main.py` and read its result record; replace one section of
+bench/RESULTS.md, leaving the others."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
+ROOT = RESULTS_MD.parents[1]
+
+
+def run_main(flags: list[str], results_dir: str | Path) -> dict:
+    """Run `main.py` with `flags` into `results_dir` (a finished result is reused) and return its
+    result record, with the process's wall time added as `bench_wall_s`."""
+    from wkvaq_quant.cli import parse_config
+    from wkvaq_quant.run import result_status
+
+    argv = [*flags, "--results_dir", str(results_dir), "--no_progress"]
+    cmd = [sys.executable, str(ROOT / "main.py"), *argv]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    wall = time.perf_counter() - t0
+    path, _ = result_status(parse_config(argv))  # the file main.py wrote (resolved in-process, nothing loaded)
+    record = json.loads((ROOT / path).read_text())
+    record["bench_wall_s"] = wall
+    return record
 
 
 def write_section(title: str, section: str, path: Path = RESULTS_MD) -> None:

@@ -11,35 +11,22 @@ windows of its evaluation split (CPU budget). Result records are kept in `--work
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results_md import write_section  # noqa: E402
+from _results_md import run_main, write_section  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## GPTQ (bench/gptq.py)"
 SETTINGS = ((4, ()), (4, ("--act_order",)), (3, ()))
 """(bits, extra GPTQ flags) of each GPTQ row."""
 
 
 def _main_py(args, work: Path, *flags: str) -> dict:
-    """Run main.py with `flags`; returns its result record plus the process wall time."""
+    """main.py's result record for `flags` (plus the process wall time), one results directory each."""
     out = work / "results" / "-".join(f.lstrip("-") for f in flags) if flags else work / "results" / "fp"
-    cmd = [sys.executable, "main.py", "--model", "smollm2-135m", "--n_windows", str(args.n_windows),
-           "--results_dir", str(out), "--no_progress", *flags]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-    (file,) = out.rglob("*.json")
-    record = json.loads(file.read_text())
-    record.setdefault("bench_wall_s", time.perf_counter() - t0)
-    return record
+    return run_main(["--model", "smollm2-135m", "--n_windows", str(args.n_windows), *flags], out)
 
 
 def main() -> None:

@@ -15,17 +15,15 @@ activation, Q/K/V and P work.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results_md import write_section  # noqa: E402
+from _results_md import run_main, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Modeling: P3-LLM settings on the embedded model (bench/modeling.py)"
@@ -62,17 +60,8 @@ TIMED = {
 
 
 def _ppl(flags: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, str(ROOT / "main.py"), "--model", "smollm2-135m", "--datasets", "wiki_sample",
-           "--n_windows", str(args.n_windows), "--results_dir", args.results_dir, "--no_progress", *flags.split()]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
-    # main.py prints "[wkvaq] wrote <path>" or "[wkvaq] wiki_sample: reusing <path> ..."
-    for line in out.stdout.splitlines():
-        for key in ("wrote ", "reusing "):
-            if key in line:
-                return json.loads((ROOT / line.split(key, 1)[1].split(" (")[0]).read_text())
-    raise RuntimeError(f"no result path in the output of {' '.join(cmd)}:\n{out.stdout[-2000:]}")
+    return run_main(["--model", "smollm2-135m", "--datasets", "wiki_sample", "--n_windows", str(args.n_windows),
+                     *flags.split()], args.results_dir)
 
 
 def perplexity_table(args: argparse.Namespace) -> list[str]:
