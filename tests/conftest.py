@@ -77,3 +77,13 @@ def no_model_load(monkeypatch):
         raise AssertionError("the model must not be loaded for bad input")
 
     monkeypatch.setattr(run_module, "load_model", forbidden)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (restored after): tests of many tiny ops slow down ~100x
+    when two threads share oversubscribed cores. Directories opt in from their conftest."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

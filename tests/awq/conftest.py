@@ -1,14 +1,10 @@
-"""One intra-op thread: these tests run many tiny ops, which oversubscribed cores slow down ~100x."""
+"""Every test here runs with one intra-op thread (see `one_thread` in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)

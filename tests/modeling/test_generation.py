@@ -16,6 +16,16 @@ def _generate(model, ids, use_cache=True):
     return out.sequences, torch.stack(out.scores)
 
 
+def _assert_cached_equals_recomputed(model, input_ids, plan) -> None:
+    """Greedy decoding from the quantized cache gives the tokens (and scores) of recomputing the
+    whole sequence at every step."""
+    attach(model, plan)
+    cached, cached_scores = _generate(model, input_ids)
+    full, full_scores = _generate(model, input_ids, use_cache=False)
+    assert torch.equal(cached, full)
+    torch.testing.assert_close(cached_scores, full_scores, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("plan", [
     F(k_bits=3, v_bits=3, q_bits=8, k_quant_post_rope=True),
     F(k_bits=3, v_bits=3, k_group_size=16),  # pre-RoPE
@@ -23,12 +33,7 @@ def _generate(model, ids, use_cache=True):
 ], ids=["KTVT-postrope-q8", "KTVT-prerope", "p8-fold"])
 def test_cached_generation_equals_recomputing_the_whole_sequence(tiny_models, input_ids, plan):
     """Per-token K / V: a cache re-quantized as it grows gives what a forward over the whole sequence gives."""
-    model = tiny_models()
-    attach(model, plan)
-    cached, cached_scores = _generate(model, input_ids)
-    full, full_scores = _generate(model, input_ids, use_cache=False)
-    assert torch.equal(cached, full)
-    torch.testing.assert_close(cached_scores, full_scores, rtol=0, atol=1e-5)
+    _assert_cached_equals_recomputed(tiny_models(), input_ids, plan)
 
 
 @pytest.mark.parametrize("plan", [
@@ -95,12 +100,7 @@ def test_post_attn_prompt_in_full_precision_cache_quantized(tiny_models, input_i
 ], ids=["KTVT", "KCVT", "v-p8-fold"])
 def test_per_query_residual_is_what_a_decoder_computes(tiny_models, input_ids, plan):
     """Recomputing the sequence in per_query mode equals decoding from the cache (whose newest R tokens are FP)."""
-    model = tiny_models()
-    attach(model, plan)
-    cached, cached_scores = _generate(model, input_ids)
-    full, full_scores = _generate(model, input_ids, use_cache=False)
-    assert torch.equal(cached, full)
-    torch.testing.assert_close(cached_scores, full_scores, rtol=0, atol=1e-5)
+    _assert_cached_equals_recomputed(tiny_models(), input_ids, plan)
 
 
 def test_per_query_needs_post_rope_keys():

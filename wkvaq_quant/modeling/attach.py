@@ -48,13 +48,7 @@ def find_attention_modules(model: nn.Module) -> list[nn.Module]:
 
 def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """Every decoder Linear (attention q/k/v/o_proj and MLP gate/up/down_proj) by its module name."""
-    out: dict[str, nn.Linear] = {}
-    for name, m in model.named_modules():
-        for names in (ATTN_PROJ, MLP_PROJ):
-            if all(isinstance(getattr(m, n, None), nn.Linear) for n in names):
-                for n in names:
-                    out[f"{name}.{n}"] = getattr(m, n)
-    return out
+    return {name: lin for _, _, name, lin in block_linears(model)}
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
