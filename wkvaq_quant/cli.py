@@ -59,6 +59,9 @@ def add_weight_algo_args(parser: argparse.ArgumentParser) -> None:
                    help="quantize the checkpoint's safetensors shards one decoder block at a time into --save_quant "
                         "(resumable) and stop; evaluate the result with --model DIR")
     g.add_argument("--save_quant", default=None, help="output directory of --layer_wise")
+    g.add_argument("--offload_activations", action="store_true",
+                   help="--layer_wise with GPTQ / AWQ: keep the calibration activations (block inputs) in files "
+                        "under --save_quant, one batch in memory at a time")
 
 
 def weight_algo_from_args(args: argparse.Namespace, name: str) -> WeightAlgo:
@@ -221,4 +224,5 @@ def _config(args: argparse.Namespace, argv: list[str] | None) -> RunConfig:
         weight_algo=weight_algo_from_args(args, "gptq" if method == "Gptq" else "rtn"),
         layer_wise=args.layer_wise,
         save_quant=args.save_quant,
+        offload_activations=args.offload_activations,
     )

@@ -58,6 +58,7 @@ class RunConfig:
     weight_algo: WeightAlgo = field(default_factory=WeightAlgo)  # --weight_algo and its settings
     layer_wise: bool = False  # write a quantized checkpoint block by block (--layer_wise) and stop
     save_quant: str | None = None  # where --layer_wise writes it
+    offload_activations: bool = False  # --layer_wise: calibration activations in files under save_quant
 
     def __post_init__(self) -> None:
         if not isinstance(self.plan, QuantPlan):
@@ -91,6 +92,9 @@ class RunConfig:
                              f"16 (or a --config weight setting), or --weight_algo rtn")
         if self.save_quant and not self.layer_wise:
             raise ValueError("--save_quant DIR is written by --layer_wise; allowed: --layer_wise --save_quant DIR")
+        if self.offload_activations and not (self.layer_wise and self.weight_algo.needs_calib):
+            raise ValueError("--offload_activations keeps the calibration activations of a --layer_wise run on disk; "
+                             "allowed with: --layer_wise --weight_algo gptq (or awq)")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"--attn_implementation {self.attn_implementation!r}: allowed values are "
                              f"{', '.join(ATTN_IMPLEMENTATIONS)}")

@@ -30,8 +30,8 @@ def _plan(bits: int = 3, dtype: str = "int", group: int = 32) -> QuantPlan:
 def _block0_error(model, fp_model, ids) -> float:
     """Mean squared error of block 0's output against the FP model's, on the same inputs."""
     inputs = capture_block_inputs(fp_model, ids)
-    ref = torch.cat(run_block(decoder_blocks(fp_model)[0], inputs, "cpu"))
-    out = torch.cat(run_block(decoder_blocks(model)[0], inputs, "cpu"))
+    ref = torch.cat(run_block(decoder_blocks(fp_model)[0], inputs, "cpu").hidden)
+    out = torch.cat(run_block(decoder_blocks(model)[0], inputs, "cpu").hidden)
     return (out - ref).pow(2).mean().item()
 
 

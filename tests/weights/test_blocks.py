@@ -76,7 +76,7 @@ def test_next_inputs_fp_or_quantized(model, ids):
 
 def test_run_block_and_bad_inputs(model, ids):
     inputs = capture_block_inputs(model, ids)
-    out = run_block(decoder_blocks(model)[0], inputs, "cpu")
+    out = run_block(decoder_blocks(model)[0], inputs, "cpu").hidden
     assert len(out) == 3 and out[0].shape == (1, 20, 64)
     with pytest.raises(ValueError, match="next_inputs='x'"):
         for_each_block(model, inputs, lambda *a: None, next_inputs="x")

@@ -16,7 +16,7 @@ from wkvaq_quant.mix_bits import LayerMap, LayerTarget, MixSetting
 from wkvaq_quant.modeling.attach import decoder_blocks
 from wkvaq_quant.quantize import quantize
 from wkvaq_quant.weights import gptq as gptq_mod
-from wkvaq_quant.weights.blocks import capture_block_inputs, run_block
+from wkvaq_quant.weights.blocks import capture_block_inputs, forward_block
 from wkvaq_quant.weights.gptq import GptqConfig, HessianAccumulator, gptq_quantize, gptq_weight
 
 FORMATS = [
@@ -209,7 +209,7 @@ def test_true_sequential_hessians(base, ids, monkeypatch):
     def hessian_of(block, lin):
         acc = HessianAccumulator(lin.in_features, "cpu")
         h = lin.register_forward_pre_hook(acc.hook)
-        run_block(block, inputs, "cpu")
+        forward_block(block, inputs, "cpu")
         h.remove()
         return acc.H
 

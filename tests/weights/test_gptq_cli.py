@@ -107,6 +107,8 @@ def test_gptq_run_end_to_end_and_from_yaml(tmp_path, tiny_llama, isolated_cache)
     (["--layer_wise"], "--layer_wise needs --save_quant DIR"),
     (["--save_quant", "x"], "--save_quant DIR is written by --layer_wise"),
     (["--layer_wise", "--save_quant", "x", "--a_bits", "8"], "--layer_wise writes quantized weights only"),
+    (["--layer_wise", "--save_quant", "x", "--offload_activations"], "--offload_activations keeps the calibration"),
+    (["--weight_algo", "gptq", "--offload_activations"], "allowed with: --layer_wise --weight_algo gptq"),
 ])
 def test_layer_wise_flags_refused_before_loading(tmp_path, tiny_llama, capsys, no_model_load, flags, match):
     argv = main_argv(tiny_llama, tmp_path, *RUN, *flags)
@@ -118,10 +120,13 @@ def test_layer_wise_flags_refused_before_loading(tmp_path, tiny_llama, capsys, n
     assert match in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("algo", ["rtn", "gptq"])
-def test_layer_wise_checkpoint_evaluates_like_the_in_memory_run(tmp_path, tiny_llama, isolated_cache, capsys, algo):
+@pytest.mark.parametrize("algo,extra", [("rtn", ()), ("gptq", ()), ("gptq", ("--offload_activations",))],
+                         ids=["rtn", "gptq", "gptq-offload"])
+def test_layer_wise_checkpoint_evaluates_like_the_in_memory_run(tmp_path, tiny_llama, isolated_cache, capsys, algo,
+                                                                extra):
     out = tmp_path / "quant"
-    argv = main_argv(tiny_llama, tmp_path / "lw", *RUN, "--weight_algo", algo, "--layer_wise", "--save_quant", str(out))
+    argv = main_argv(tiny_llama, tmp_path / "lw", *RUN, "--weight_algo", algo, "--layer_wise", "--save_quant", str(out),
+                     *extra)
     assert main_module.main(argv) == 0
     printed = capsys.readouterr().out
     summary = json.loads(printed[printed.index("{\n"):])

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from tests.conftest import make_tiny_checkpoint
-from wkvaq_quant.config import QuantPlan
+from wkvaq_quant.config import QuantArgs, QuantPlan
 from wkvaq_quant.mix_bits import LayerMap, LayerTarget, MixSetting
 from wkvaq_quant.weights import layerwise as lw
+from wkvaq_quant.weights import safetensors_io as sio
 from wkvaq_quant.weights.algo import WeightAlgo
 from wkvaq_quant.weights.gptq import GptqConfig, gptq_quantize
 from wkvaq_quant.weights.layerwise import STATE_FILE, quantize_layer_wise
@@ -65,11 +66,18 @@ def _algo(name, **gptq):
     return WeightAlgo(name, gptq=GptqConfig(**gptq))
 
 
+PER_TENSOR = dataclasses.replace(PLAN, w=QuantArgs(bits=4, target="weight", granularity="per_tensor"))
+
+
 @pytest.mark.parametrize("ckpt", ["src", "tied"])
-@pytest.mark.parametrize("layers", [None, OFF], ids=["plain", "mix"])
-def test_rtn_layer_wise_equals_in_memory(request, tmp_path, ckpt, layers):
+@pytest.mark.parametrize("plan", [PLAN, dataclasses.replace(PLAN, layers=OFF), PER_TENSOR],
+                         ids=["plain", "mix", "per_tensor"])
+@pytest.mark.parametrize("chunk", [None, 200], ids=["whole", "chunked"])
+def test_rtn_layer_wise_equals_in_memory(request, tmp_path, monkeypatch, ckpt, plan, chunk):
+    """Streamed in row chunks of ~200 bytes (a few rows; per_tensor weights whole) or whole tensors."""
     path = request.getfixturevalue(ckpt)
-    plan = dataclasses.replace(PLAN, layers=layers)
+    if chunk is not None:
+        monkeypatch.setattr(sio, "CHUNK_BYTES", chunk)
     quantize_layer_wise(path, tmp_path / "out", plan, WeightAlgo("rtn"), progress=False, log=lambda s: None)
     ref = _load(path)
     rtn_quantize(ref, plan)
@@ -102,18 +110,18 @@ def test_kill_and_resume_gives_the_same_bytes(tied, tmp_path, ids, monkeypatch, 
     real = lw._write_block
     written = []
 
-    def dying(sk, i, out):
+    def dying(sk, i, out, *rest):
         if len(written) == kill_after:
             raise _Killed
         written.append(i)
-        return real(sk, i, out)
+        return real(sk, i, out, *rest)
 
     monkeypatch.setattr(lw, "_write_block", dying)
     with pytest.raises(_Killed):
         quantize_layer_wise(tied, tmp_path / "resumed", PLAN, algo, calib=calib, progress=False, log=lambda s: None)
     state = json.loads((tmp_path / "resumed" / STATE_FILE).read_text())
     assert state["done"] == list(range(kill_after)) and not state["complete"]
-    monkeypatch.setattr(lw, "_write_block", lambda sk, i, out: written.append(i) or real(sk, i, out))
+    monkeypatch.setattr(lw, "_write_block", lambda sk, i, out, *rest: written.append(i) or real(sk, i, out, *rest))
     quantize_layer_wise(tied, tmp_path / "resumed", PLAN, algo, calib=calib, progress=False, log=lambda s: None)
     assert written == [0, 1, 2][: kill_after] + [0, 1, 2][kill_after:]  # finished blocks are not redone
     files = sorted(p.name for p in (tmp_path / "whole").iterdir())
@@ -122,17 +130,50 @@ def test_kill_and_resume_gives_the_same_bytes(tied, tmp_path, ids, monkeypatch, 
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
 
 
-def test_one_block_resident_at_a_time(tied, tmp_path, ids, monkeypatch):
+def _count_resident(monkeypatch):
+    """Per block written: how many decoder blocks hold real (not meta) weights, and whether the
+    embeddings do."""
     real = lw._write_block
     resident = []
 
-    def counting(sk, i, out):
-        resident.append(sum(not next(b.parameters()).is_meta for b in sk.blocks))
-        return real(sk, i, out)
+    def counting(sk, i, out, *rest):
+        embed = sk.model.get_input_embeddings().weight
+        resident.append((sum(not next(b.parameters()).is_meta for b in sk.blocks), not embed.is_meta))
+        return real(sk, i, out, *rest)
 
     monkeypatch.setattr(lw, "_write_block", counting)
+    return resident
+
+
+def test_gptq_holds_one_block_at_a_time(tied, tmp_path, ids, monkeypatch):
+    resident = _count_resident(monkeypatch)
     quantize_layer_wise(tied, tmp_path / "out", PLAN, _algo("gptq"), calib=ids, progress=False, log=lambda s: None)
-    assert resident == [1, 1, 1]
+    assert resident == [(1, False)] * 3  # the embeddings are released once block 0's inputs are captured
+
+
+def test_rtn_streams_row_chunks_and_holds_no_block(src, tmp_path, monkeypatch):
+    """RTN never builds a block: every tensor is read in pieces of at most CHUNK_BYTES (or one
+    row), quantized and written before the next is read."""
+    monkeypatch.setattr(sio, "CHUNK_BYTES", 512)
+    resident = _count_resident(monkeypatch)
+    real_read, reads = lw.read_rows, []
+
+    def reading(entry, start=0, stop=None):
+        t = real_read(entry, start, stop)
+        reads.append((entry.name, t.numel() * t.element_size(), entry.row_bytes))
+        return t
+
+    monkeypatch.setattr(lw, "read_rows", reading)
+    quantize_layer_wise(src, tmp_path / "out", PLAN, WeightAlgo("rtn"), progress=False, log=lambda s: None)
+    n_blocks = len(resident)
+    assert resident == [(0, False)] * n_blocks
+    assert all(size <= max(512, row) for _, size, row in reads)
+    ckpt = lw.SafetensorsCheckpoint(src)
+    read_bytes = {}
+    for name, size, _ in reads:
+        read_bytes[name] = read_bytes.get(name, 0) + size
+    assert read_bytes == {k: e.nbytes for k, e in ckpt.entries.items()}  # every tensor read once, in full
+    assert max(e.nbytes for e in ckpt.entries.values()) > 4 * 512  # so chunking really happened
 
 
 def test_bad_inputs_are_refused(tied, src, tmp_path, ids):
@@ -164,3 +205,29 @@ def test_bad_inputs_are_refused(tied, src, tmp_path, ids):
         quantize_layer_wise(tied, other, PLAN, WeightAlgo("rtn"), progress=False)
     with pytest.raises(ValueError, match="needs calibration windows"):
         quantize_layer_wise(tied, tmp_path / "o5", PLAN, _algo("gptq"), progress=False)
+    with pytest.raises(ValueError, match="--offload_activations: --weight_algo rtn uses no calibration activations"):
+        quantize_layer_wise(tied, tmp_path / "o6", PLAN, WeightAlgo("rtn"), offload_activations=True, progress=False)
+
+
+@pytest.mark.parametrize("nxt", ["quantized", "fp"])
+def test_offloaded_activations_give_the_same_bytes(tied, tmp_path, ids, monkeypatch, nxt):
+    """--offload_activations: the block inputs live in files (one generation of one file per
+    batch while a block is written), the checkpoint is byte-identical, the files are removed."""
+    algo = _algo("gptq", next_inputs=nxt)
+    quantize_layer_wise(tied, tmp_path / "mem", PLAN, algo, calib=ids, progress=False, log=lambda s: None)
+    real, seen = lw._write_block, []
+
+    def watching(sk, i, out, *rest):
+        gens = sorted((out / lw.ACTIVATIONS_DIR).iterdir())
+        seen.append([len(list(g.glob("*.pt"))) for g in gens])
+        return real(sk, i, out, *rest)
+
+    monkeypatch.setattr(lw, "_write_block", watching)
+    quantize_layer_wise(tied, tmp_path / "disk", PLAN, algo, calib=ids, progress=False, offload_activations=True,
+                        log=lambda s: None)
+    assert seen == [[ids.shape[0]]] * 3
+    assert not (tmp_path / "disk" / lw.ACTIVATIONS_DIR).exists()
+    files = sorted(p.name for p in (tmp_path / "mem").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "disk").iterdir())
+    for name in files:
+        assert (tmp_path / "mem" / name).read_bytes() == (tmp_path / "disk" / name).read_bytes(), name

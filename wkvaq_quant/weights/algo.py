@@ -73,6 +73,11 @@ class WeightAlgo:
     def needs_calib(self) -> bool:
         return _NEEDS_CALIB[self.name]
 
+    @property
+    def next_inputs(self) -> str:
+        """What the block after a calibrated one sees (blocks.NEXT_INPUTS)."""
+        return self.gptq.next_inputs if self.name == "gptq" else "quantized"
+
     def to_dict(self) -> dict[str, Any]:
         if self.name == "rtn":
             return {"name": "rtn"}

@@ -11,7 +11,10 @@ transformers 5 (a tuple in older versions; its first element is taken).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -19,8 +22,8 @@ from tqdm.auto import tqdm
 
 from wkvaq_quant.modeling.attach import decoder_blocks
 
-__all__ = ["NEXT_INPUTS", "BlockInputs", "block_output", "capture_block_inputs", "for_each_block", "move_tensors",
-           "run_block"]
+__all__ = ["NEXT_INPUTS", "BlockInputs", "advance_block", "block_output", "capture_block_inputs", "for_each_block",
+           "forward_block", "move_tensors", "run_block"]
 
 NEXT_INPUTS = ("quantized", "fp")
 """What block i+1 sees: the outputs of block i after `process` changed it ("quantized", errors
@@ -48,14 +51,18 @@ def move_tensors(obj: Any, device: torch.device | str) -> Any:
 class BlockInputs:
     """Inputs of one decoder block for every calibration batch.
 
-    hidden: per batch the hidden states [b, T, D] (kept on `store_device`).
+    hidden: per batch the hidden states [b, T, D]: a Tensor on `store_device`, or, when the
+            activations are offloaded, the Path of a file holding it (`offload_dir`).
     kwargs: per batch the keyword arguments the model passed to the block (masks,
             position embeddings, ...), unchanged from block to block.
+    offload_dir: when set, hidden states live in files under it, one batch in memory at a time
+            (--offload_activations); every `with_hidden` writes a new subdirectory.
     """
 
-    hidden: list[Tensor]
+    hidden: list[Tensor | Path]
     kwargs: list[dict[str, Any]]
     store_device: torch.device
+    offload_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if len(self.hidden) != len(self.kwargs):
@@ -64,14 +71,38 @@ class BlockInputs:
     def batches(self, device: torch.device | str) -> Iterator[tuple[Tensor, dict[str, Any]]]:
         """(hidden, kwargs) per batch, on `device`."""
         for h, kw in zip(self.hidden, self.kwargs):
+            if isinstance(h, Path):
+                h = torch.load(h, weights_only=True)
             yield h.to(device), move_tensors(kw, device)
 
-    def with_hidden(self, hidden: list[Tensor]) -> BlockInputs:
-        return BlockInputs([h.to(self.store_device) for h in hidden], self.kwargs, self.store_device)
+    def with_hidden(self, hidden: Iterable[Tensor]) -> BlockInputs:
+        """The same batches with new hidden states (consumed one at a time: offloaded ones go to
+        disk as they come)."""
+        if self.offload_dir is None:
+            return BlockInputs([h.to(self.store_device) for h in hidden], self.kwargs, self.store_device)
+        gen = _Generation(self.offload_dir)
+        return BlockInputs([gen.put(h) for h in hidden], self.kwargs, self.store_device, self.offload_dir)
 
-    @property
-    def n_tokens(self) -> int:
-        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+    def discard(self) -> None:
+        """Remove this generation's offloaded files (nothing to do in memory)."""
+        dirs = {h.parent for h in self.hidden if isinstance(h, Path)}
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+class _Generation:
+    """A new subdirectory of `offload_dir` holding one file per batch of hidden states."""
+
+    def __init__(self, offload_dir: Path) -> None:
+        offload_dir.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix="hidden-", dir=offload_dir))
+        self.count = 0
+
+    def put(self, h: Tensor) -> Path:
+        path = self.dir / f"{self.count:06d}.pt"
+        torch.save(h.detach().to("cpu").contiguous(), path)
+        self.count += 1
+        return path
 
 
 def block_output(out: Any) -> Tensor:
@@ -81,25 +112,28 @@ def block_output(out: Any) -> Tensor:
 
 def _non_block_modules(model: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:
     """Leaf-most modules holding parameters or buffers outside the decoder blocks (embeddings,
-    rotary embedding, final norm, head)."""
+    rotary embedding, final norm, head), unless they are on the meta device."""
     in_blocks = {id(m) for b in blocks for m in b.modules()}
     out = []
     for m in model.modules():
         if id(m) in in_blocks:
             continue
         direct = list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
-        if direct:
+        if direct and not all(t.is_meta for t in direct):
             out.append(m)
     return out
 
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, input_ids: Tensor, device: torch.device | str = "cpu",
-                         batch_size: int = 1, store_device: torch.device | str | None = None) -> BlockInputs:
-    """Run the model on `input_ids` [n, T] in batches up to decoder block 0 and record its inputs.
+                         batch_size: int = 1, store_device: torch.device | str | None = None,
+                         offload_dir: Path | None = None) -> BlockInputs:
+    """Run the model on `input_ids` [n, T] in batches up to decoder block 0 and record its inputs
+    (hidden states in files under `offload_dir` when given, see BlockInputs).
 
     Only the modules outside the decoder blocks (embeddings, rotary embedding) move to `device`;
-    they go back to where they were afterwards.
+    they go back to where they were afterwards. Modules left on the meta device (a head a
+    layer-wise run never reads) stay there: the forward stops before them.
     """
     if input_ids.dim() != 2 or input_ids.shape[0] == 0:
         raise ValueError(f"input_ids must be [n_samples, seq_len] with n_samples > 0, got {tuple(input_ids.shape)}")
@@ -110,13 +144,14 @@ def capture_block_inputs(model: nn.Module, input_ids: Tensor, device: torch.devi
     blocks = decoder_blocks(model)
     outside = _non_block_modules(model, blocks)
     homes = [next(iter(list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))).device for m in outside]
-    hidden: list[Tensor] = []
+    hidden: list[Tensor | Path] = []
     kwargs: list[dict[str, Any]] = []
+    put = _Generation(offload_dir).put if offload_dir is not None else (lambda h: h.detach().to(store))
 
     def hook(_mod: nn.Module, args: tuple, kw: dict) -> None:
         kw = dict(kw)
         h = args[0] if args else kw.pop("hidden_states")
-        hidden.append(h.detach().to(store))
+        hidden.append(put(h))
         kwargs.append(move_tensors({k: v for k, v in kw.items()}, store))
         raise _Captured
 
@@ -134,13 +169,20 @@ def capture_block_inputs(model: nn.Module, input_ids: Tensor, device: torch.devi
         handle.remove()
         for m, home in zip(outside, homes):
             m.to(home)
-    return BlockInputs(hidden, kwargs, store)
+    return BlockInputs(hidden, kwargs, store, offload_dir)
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device | str) -> list[Tensor]:
-    """The block's outputs for every batch of `inputs` (on `inputs.store_device`)."""
-    return [block_output(block(h, **kw)).to(inputs.store_device) for h, kw in inputs.batches(device)]
+def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device | str) -> BlockInputs:
+    """The block's outputs for every batch of `inputs`, as the inputs of the next block."""
+    return inputs.with_hidden(block_output(block(h, **kw)) for h, kw in inputs.batches(device))
+
+
+@torch.no_grad()
+def forward_block(block: nn.Module, inputs: BlockInputs, device: torch.device | str) -> None:
+    """Run the block over every batch of `inputs`, keeping nothing (for hooks that record)."""
+    for h, kw in inputs.batches(device):
+        block(h, **kw)
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -163,9 +205,18 @@ def for_each_block(model: nn.Module, inputs: BlockInputs, process: Callable[[int
     for i, block in enumerate(tqdm(decoder_blocks(model), desc=desc, disable=not progress)):
         home = _device_of(block)
         block.to(device)
-        fp_out = run_block(block, inputs, device) if next_inputs == "fp" else None
-        process(i, block, inputs)
-        out = fp_out if fp_out is not None else run_block(block, inputs, device)
+        inputs = advance_block(block, i, inputs, process, device, next_inputs)
         block.to(home)
-        inputs = inputs.with_hidden(out)
     return inputs
+
+
+def advance_block(block: nn.Module, index: int, inputs: BlockInputs,
+                  process: Callable[[int, nn.Module, BlockInputs], None], device: torch.device | str,
+                  next_inputs: str) -> BlockInputs:
+    """`process(index, block, inputs)`, then the inputs of the next block: the outputs of the block
+    as `process` left it ("quantized") or as it was before ("fp"). The old inputs are discarded."""
+    fp_out = run_block(block, inputs, device) if next_inputs == "fp" else None
+    process(index, block, inputs)
+    out = fp_out if fp_out is not None else run_block(block, inputs, device)
+    inputs.discard()
+    return out

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from wkvaq_quant.config import QuantArgs, QuantPlan
 from wkvaq_quant.formats import QParams, get_format
 from wkvaq_quant.modeling.attach import block_linears
-from wkvaq_quant.weights.blocks import NEXT_INPUTS, BlockInputs, capture_block_inputs, for_each_block, run_block
+from wkvaq_quant.weights.blocks import NEXT_INPUTS, BlockInputs, capture_block_inputs, for_each_block, forward_block
 
 __all__ = ["SEQUENTIAL", "GptqConfig", "GptqResult", "HessianAccumulator", "gptq_block", "gptq_quantize",
            "gptq_weight"]
@@ -226,7 +226,7 @@ def gptq_block(block: nn.Module, index: int, linears: list[tuple[str, nn.Linear]
         accs = [HessianAccumulator(m.in_features, device) for _, m, _ in todo]
         handles = [m.register_forward_pre_hook(acc.hook) for (_, m, _), acc in zip(todo, accs)]
         try:
-            run_block(block, inputs, device)
+            forward_block(block, inputs, device)
         finally:
             for h in handles:
                 h.remove()

@@ -44,7 +44,8 @@ def run_layer_wise(cfg: RunConfig, log=print) -> dict[str, Any]:
                                   algo.calib.seq_len, algo.calib.seed, source.add_special_tokens)
     state = quantize_layer_wise(_pretrained_path(source), Path(cfg.save_quant), cfg.plan, algo, calib,
                                 DTYPES[cfg.dtype], cfg.device, model_id=source.name,
-                                trust_remote_code=cfg.trust_remote_code, progress=cfg.progress, log=log)
+                                trust_remote_code=cfg.trust_remote_code, progress=cfg.progress,
+                                offload_activations=cfg.offload_activations, log=log)
     return {"save_quant": str(cfg.save_quant), "blocks": len(state["done"]), "complete": state["complete"],
             "weight_algo": algo.to_dict(), "seconds": time.perf_counter() - started,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
