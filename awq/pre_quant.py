@@ -31,7 +31,7 @@ from wkvaq_quant.modeling.attach import block_linears
 from wkvaq_quant.weights.blocks import BlockInputs, capture_block_inputs, for_each_block
 from wkvaq_quant.weights.rtn import rtn_quantize
 
-__all__ = ["apply_awq", "run_awq"]
+__all__ = ["apply_awq", "awq_block", "run_awq"]
 
 
 def _module_names(model: nn.Module) -> dict[int, str]:
@@ -39,9 +39,11 @@ def _module_names(model: nn.Module) -> dict[int, str]:
 
 
 @torch.no_grad()
-def _awq_block(block: nn.Module, prefix: str, index: int, inputs: BlockInputs, plan: QuantPlan,
+def awq_block(block: nn.Module, prefix: str, index: int, inputs: BlockInputs, plan: QuantPlan,
                device: torch.device | str, n_grid: int, max_shrink: float, n_sample_token: int,
                out: dict[str, Any]) -> None:
+    """Search and fold the scales, then search and apply the clips, of decoder block `index`
+    (module name `prefix`) on its inputs, in place; the entries go into out["scale"] / out["clip"]."""
     attn, mlp = block_parts(block)
     lin_names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear) and n.startswith((attn, mlp))]
     w_args: dict[str, QuantArgs] = {n: plan.linear_args(index, n.rsplit(".", 1)[-1])[0] for n in lin_names}
@@ -69,9 +71,10 @@ def _awq_block(block: nn.Module, prefix: str, index: int, inputs: BlockInputs, p
 
 def run_awq(model: nn.Module, plan: QuantPlan, calib_ids: Tensor, model_id: str, device: torch.device | str = "cpu",
             n_grid: int = 20, max_shrink: float = 0.5, n_sample_token: int = 512, batch_size: int = 1,
-            progress: bool = True) -> dict[str, Any]:
+            progress: bool = True, record_grids: bool = True) -> dict[str, Any]:
     """Search AWQ scales and clips on `calib_ids` [n, T]; returns the cache
-    {"scale", "clip", "grid", "meta"} (see awq.cache). The model is left scaled and clipped."""
+    {"scale", "clip", "grid", "meta"} (see awq.cache; "grid" only with `record_grids`, which
+    quantizes a copy of every weight once more). The model is left scaled and clipped."""
     if n_grid <= 0 or not 0 <= max_shrink < 1 or n_sample_token <= 0:
         raise ValueError(f"n_grid {n_grid} (> 0), max_shrink {max_shrink} (in [0, 1)), n_sample_token "
                          f"{n_sample_token} (> 0)")
@@ -80,10 +83,10 @@ def run_awq(model: nn.Module, plan: QuantPlan, calib_ids: Tensor, model_id: str,
     inputs = capture_block_inputs(model, calib_ids, device, batch_size)
 
     def process(i: int, block: nn.Module, block_inputs: BlockInputs) -> None:
-        _awq_block(block, names[id(block)], i, block_inputs, plan, device, n_grid, max_shrink, n_sample_token, out)
+        awq_block(block, names[id(block)], i, block_inputs, plan, device, n_grid, max_shrink, n_sample_token, out)
 
     for_each_block(model, inputs, process, device, next_inputs="fp", progress=progress, desc="AWQ blocks")
-    out["grid"] = _grids_after(model, plan, device)
+    out["grid"] = _grids_after(model, plan, device) if record_grids else {}
     out["meta"] = cache_meta(model, model_id, plan, {
         "n_grid": n_grid, "max_shrink": max_shrink, "n_sample_token": n_sample_token,
         "n_calib": int(calib_ids.shape[0]), "calib_seq_len": int(calib_ids.shape[1])})

@@ -54,15 +54,16 @@ def test_flag_contradicting_the_yaml_exits(tmp_path, tiny_llama, capsys):
     assert cfg.plan.block_plan(1).k.bits == 4 and cfg.plan.block_plan(0).k.bits == 8
 
 
-def test_awq_is_not_run_by_main_gptq_is(tmp_path, tiny_llama, capsys, no_model_load):
-    with pytest.raises(SystemExit):
-        parse_config(main_argv(tiny_llama, tmp_path, "--config", _yaml(tmp_path, "Awq")))
-    assert ("quant.method Awq is not available in main.py yet (Awq runs through its own entry point, python -m "
-            "awq.entry --config); main.py runs quant.method: RTN or Gptq") in capsys.readouterr().err
-    cfg = parse_config(main_argv(tiny_llama, tmp_path, "--config", _yaml(tmp_path, "awq"), "--show_plan"))
-    assert cfg.weight_method == "Awq" and cfg.weight_algo.name == "rtn"
+def test_yaml_method_selects_the_weight_algo(tmp_path, tiny_llama, capsys, no_model_load):
+    cfg = parse_config(main_argv(tiny_llama, tmp_path, "--config", _yaml(tmp_path, "Awq"), "--n_grid", "7"))
+    assert cfg.weight_method == "Awq" and cfg.weight_algo.name == "awq" and cfg.weight_algo.awq.n_grid == 7
     cfg = parse_config(main_argv(tiny_llama, tmp_path, "--config", _yaml(tmp_path, "Gptq"), "--act_order"))
     assert cfg.weight_method == "Gptq" and cfg.weight_algo.name == "gptq" and cfg.weight_algo.gptq.act_order
+    cfg = parse_config(main_argv(tiny_llama, tmp_path, "--config", _yaml(tmp_path, "RTN"), "--weight_algo", "awq"))
+    assert cfg.weight_method == "Awq" and cfg.weight_algo.name == "awq"  # an RTN YAML leaves the algorithm open
+    with pytest.raises(SystemExit):
+        parse_config(main_argv(tiny_llama, tmp_path, "--config", _yaml(tmp_path, "Awq"), "--weight_algo", "gptq"))
+    assert ("--weight_algo gptq contradicts quant.method: Awq in" in capsys.readouterr().err)
 
 
 def test_show_plan_prints_the_resolved_table(tmp_path, tiny_llama, capsys, isolated_cache, no_model_load):

@@ -10,7 +10,7 @@ from .eval.lm_eval import LMEvalSettings
 from .mix_bits import load_quant_config
 from .models import DTYPES, EMBEDDED_MODEL
 from .run import ATTN_IMPLEMENTATIONS, DEVICES, RunConfig
-from .weights.algo import WEIGHT_ALGOS, CalibConfig, WeightAlgo
+from .weights.algo import WEIGHT_ALGOS, AwqSearchConfig, CalibConfig, WeightAlgo
 from .weights.blocks import NEXT_INPUTS
 from .weights.gptq import GptqConfig
 
@@ -46,7 +46,8 @@ def add_weight_algo_args(parser: argparse.ArgumentParser) -> None:
     """--weight_algo and GPTQ's flags (calibration data: add_calib_args)."""
     g = parser.add_argument_group("weight algorithm")
     g.add_argument("--weight_algo", default="rtn", choices=WEIGHT_ALGOS,
-                   help="rtn: round to nearest; gptq: GPTQ on the calibration windows before evaluation")
+                   help="rtn: round to nearest; gptq: GPTQ; awq: AWQ's scale and clip search, then round to nearest "
+                        "(gptq and awq run on the calibration windows before evaluation)")
     g.add_argument("--percdamp", type=float, default=GptqConfig.percdamp,
                    help="GPTQ dampening: this fraction of the mean of diag(H) is added to the diagonal")
     g.add_argument("--act_order", action="store_true", help="GPTQ: columns in order of decreasing diag(H)")
@@ -55,6 +56,8 @@ def add_weight_algo_args(parser: argparse.ArgumentParser) -> None:
                         "its own group's)")
     g.add_argument("--gptq_next_inputs", default="quantized", choices=NEXT_INPUTS,
                    help="what the next block sees: the quantized block's outputs or the full-precision block's")
+    g.add_argument("--n_grid", type=_positive_int("--n_grid"), default=AwqSearchConfig.n_grid,
+                   help="AWQ: grid points of the scale and clip searches")
     g.add_argument("--layer_wise", action="store_true",
                    help="quantize the checkpoint's safetensors shards one decoder block at a time into --save_quant "
                         "(resumable) and stop; evaluate the result with --model DIR")
@@ -66,7 +69,7 @@ def add_weight_algo_args(parser: argparse.ArgumentParser) -> None:
 
 def weight_algo_from_args(args: argparse.Namespace, name: str) -> WeightAlgo:
     """The WeightAlgo `name` with the settings of parsed add_weight_algo_args / add_calib_args flags."""
-    return WeightAlgo(name=name, gptq=GptqConfig(percdamp=args.percdamp, act_order=args.act_order,
+    return WeightAlgo(name=name, awq=AwqSearchConfig(n_grid=args.n_grid), gptq=GptqConfig(percdamp=args.percdamp, act_order=args.act_order,
                                                  static_groups=args.static_groups, next_inputs=args.gptq_next_inputs),
                       calib=CalibConfig(dataset=args.calib_dataset, n_samples=args.n_calib, seq_len=args.calib_seq_len,
                                         seed=args.seed))
@@ -189,17 +192,22 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, RunCo
         parser.error(str(err))
 
 
+_METHODS = {"rtn": "RTN", "gptq": "Gptq", "awq": "Awq"}
+"""--weight_algo -> the quant.method of a --config YAML that selects it."""
+_ALGOS = {m: a for a, m in _METHODS.items()}
+
+
 def _config(args: argparse.Namespace, argv: list[str] | None) -> RunConfig:
-    plan, method = plan_from_args(args), "Gptq" if args.weight_algo == "gptq" else "RTN"
+    plan, method = plan_from_args(args), _METHODS[args.weight_algo]
     if args.config:
         quant = load_quant_config(args.config)
-        if quant.method == "Awq" and not args.show_plan:
-            raise ValueError(f"--config {args.config}: quant.method Awq is not available in main.py yet "
-                             f"(Awq runs through its own entry point, python -m awq.entry --config); main.py runs "
-                             f"quant.method: RTN or Gptq (--show_plan prints the plan of any method)")
+        explicit = explicit_flags(build_parser(), argv)
         if quant.method != "RTN":
+            if "weight_algo" in explicit and method != quant.method:
+                raise ValueError(f"--weight_algo {args.weight_algo} contradicts quant.method: {quant.method} in "
+                                 f"{args.config}; allowed: --weight_algo {_ALGOS[quant.method]} or no --weight_algo")
             method = quant.method
-        plan = quant.apply(plan, explicit_flags(build_parser(), argv))
+        plan = quant.apply(plan, explicit)
     return RunConfig(
         model=args.model,
         datasets=[d.strip() for d in (args.datasets if args.datasets is not None
@@ -221,7 +229,7 @@ def _config(args: argparse.Namespace, argv: list[str] | None) -> RunConfig:
         weight_method=method,
         show_plan=args.show_plan,
         lm_eval=lm_eval_from_args(args),
-        weight_algo=weight_algo_from_args(args, "gptq" if method == "Gptq" else "rtn"),
+        weight_algo=weight_algo_from_args(args, _ALGOS[method]),
         layer_wise=args.layer_wise,
         save_quant=args.save_quant,
         offload_activations=args.offload_activations,

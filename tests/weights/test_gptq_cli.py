@@ -45,7 +45,8 @@ def test_flags_parse_into_the_weight_algo(tmp_path, tiny_llama):
 @pytest.mark.parametrize("flags,match", [
     (["--weight_algo", "gptq", "--percdamp", "2"], "--percdamp 2.0: allowed: a number in \\[0, 1\\]"),
     (["--weight_algo", "gptq", "--w_bits", "16"], "--weight_algo gptq needs quantized weights"),
-    (["--weight_algo", "awq"], "--weight_algo: invalid choice"),
+    (["--weight_algo", "smoothquant"], "--weight_algo: invalid choice"),
+    (["--weight_algo", "awq", "--n_grid", "0"], "--n_grid"),
     (["--gptq_next_inputs", "both"], "--gptq_next_inputs: invalid choice"),
 ])
 def test_bad_flags_exit_before_loading(tmp_path, tiny_llama, capsys, no_model_load, flags, match):
@@ -120,8 +121,9 @@ def test_layer_wise_flags_refused_before_loading(tmp_path, tiny_llama, capsys, n
     assert match in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("algo,extra", [("rtn", ()), ("gptq", ()), ("gptq", ("--offload_activations",))],
-                         ids=["rtn", "gptq", "gptq-offload"])
+@pytest.mark.parametrize("algo,extra", [("rtn", ()), ("gptq", ()), ("gptq", ("--offload_activations",)),
+                                        ("awq", ("--n_grid", "4"))],
+                         ids=["rtn", "gptq", "gptq-offload", "awq"])
 def test_layer_wise_checkpoint_evaluates_like_the_in_memory_run(tmp_path, tiny_llama, isolated_cache, capsys, algo,
                                                                 extra):
     out = tmp_path / "quant"
@@ -134,6 +136,7 @@ def test_layer_wise_checkpoint_evaluates_like_the_in_memory_run(tmp_path, tiny_l
     assert (out / "model.safetensors.index.json").is_file() and (out / "tokenizer.json").is_file()
     assert main_module.main(argv) == 0  # complete: nothing to do again
     assert main_module.main(main_argv(out, tmp_path / "eval", *BASE)) == 0
-    assert main_module.main(main_argv(tiny_llama, tmp_path / "mem", *RUN, "--weight_algo", algo)) == 0
+    mem = [f for f in extra if f != "--offload_activations"]
+    assert main_module.main(main_argv(tiny_llama, tmp_path / "mem", *RUN, "--weight_algo", algo, *mem)) == 0
     assert _ppl(tmp_path, "eval")["results"]["wiki_sample"]["ppl"] == \
         pytest.approx(_ppl(tmp_path, "mem")["results"]["wiki_sample"]["ppl"], rel=1e-6)

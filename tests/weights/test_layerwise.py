@@ -14,7 +14,8 @@ from wkvaq_quant.config import QuantArgs, QuantPlan
 from wkvaq_quant.mix_bits import LayerMap, LayerTarget, MixSetting
 from wkvaq_quant.weights import layerwise as lw
 from wkvaq_quant.weights import safetensors_io as sio
-from wkvaq_quant.weights.algo import WeightAlgo
+from awq.pre_quant import run_awq
+from wkvaq_quant.weights.algo import AwqSearchConfig, WeightAlgo
 from wkvaq_quant.weights.gptq import GptqConfig, gptq_quantize
 from wkvaq_quant.weights.layerwise import STATE_FILE, quantize_layer_wise
 from wkvaq_quant.weights.rtn import rtn_quantize
@@ -66,6 +67,9 @@ def _algo(name, **gptq):
     return WeightAlgo(name, gptq=GptqConfig(**gptq))
 
 
+AWQ = WeightAlgo("awq", awq=AwqSearchConfig(n_grid=5, n_sample_token=16))
+
+
 PER_TENSOR = dataclasses.replace(PLAN, w=QuantArgs(bits=4, target="weight", granularity="per_tensor"))
 
 
@@ -97,12 +101,27 @@ def test_gptq_layer_wise_equals_in_memory(request, tmp_path, ids, ckpt, nxt):
     _assert_same_weights(_load(tmp_path / "out"), ref)
 
 
+@pytest.mark.parametrize("ckpt", ["src", "tied"])
+def test_awq_layer_wise_equals_in_memory(request, tmp_path, ids, ckpt):
+    """Layer-wise AWQ (search, fold, clip, RTN per block) == run_awq on the whole model + RTN."""
+    path = request.getfixturevalue(ckpt)
+    plan = dataclasses.replace(PLAN, layers=OFF)
+    quantize_layer_wise(path, tmp_path / "out", plan, AWQ, calib=ids, progress=False, log=lambda s: None)
+    ref = _load(path)
+    a = AWQ.awq
+    cache = run_awq(ref, plan, ids, "x", n_grid=a.n_grid, max_shrink=a.max_shrink, n_sample_token=a.n_sample_token,
+                    progress=False)
+    assert cache["scale"] and cache["clip"]  # the search did change the model
+    rtn_quantize(ref, plan)
+    _assert_same_weights(_load(tmp_path / "out"), ref)
+
+
 class _Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("algo", [_algo("rtn"), _algo("gptq"), _algo("gptq", next_inputs="fp")],
-                         ids=["rtn", "gptq", "gptq-fp"])
+@pytest.mark.parametrize("algo", [_algo("rtn"), _algo("gptq"), _algo("gptq", next_inputs="fp"), AWQ],
+                         ids=["rtn", "gptq", "gptq-fp", "awq"])
 @pytest.mark.parametrize("kill_after", [1, 2])
 def test_kill_and_resume_gives_the_same_bytes(tied, tmp_path, ids, monkeypatch, algo, kill_after):
     calib = ids if algo.needs_calib else None

@@ -3,6 +3,8 @@
 rtn:  nothing to do here; `attach` rounds every weight to nearest (the plain path).
 gptq: GPTQ on calibration windows, in place; `attach` then applies only the rest of the plan
       (activations, KV cache), since the weights are already quantized.
+awq:  AWQ's scale and clip search on calibration windows (the `awq` package), folded into the
+      model in place; `attach` then rounds the scaled, clipped weights to nearest.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from wkvaq_quant.config import FULL_PRECISION_BITS, LINEAR_NAMES, QuantArgs, Qua
 from wkvaq_quant.data import CALIB_DATASETS
 from wkvaq_quant.weights.gptq import GptqConfig, gptq_quantize
 
-__all__ = ["WEIGHT_ALGOS", "CalibConfig", "WeightAlgo", "quantizes_weights", "run_weight_algo", "without_weights"]
+__all__ = ["WEIGHT_ALGOS", "AwqSearchConfig", "CalibConfig", "WeightAlgo", "quantizes_weights", "run_weight_algo", "without_weights"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,23 @@ class CalibConfig:
                 raise ValueError(f"{flag} {v!r}: allowed: a positive integer")
 
 
+@dataclass(frozen=True)
+class AwqSearchConfig:
+    """AWQ's search: `n_grid` grid points for the scale and the clip searches (--n_grid);
+    `max_shrink` and `n_sample_token`: the clip search's range and token sample (llm-awq's values)."""
+
+    n_grid: int = 20
+    max_shrink: float = 0.5
+    n_sample_token: int = 512
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n_grid, bool) or not isinstance(self.n_grid, int) or self.n_grid <= 0:
+            raise ValueError(f"--n_grid {self.n_grid!r}: allowed: a positive integer")
+        if not 0 <= self.max_shrink < 1 or self.n_sample_token <= 0:
+            raise ValueError(f"AWQ clip search: max_shrink {self.max_shrink} (allowed: [0, 1)), n_sample_token "
+                             f"{self.n_sample_token} (allowed: > 0)")
+
+
 def _run_rtn(model: nn.Module, plan: QuantPlan, algo: WeightAlgo, calib: Tensor | None, device: str,
              progress: bool) -> QuantPlan:
     return plan
@@ -50,24 +69,38 @@ def _run_gptq(model: nn.Module, plan: QuantPlan, algo: WeightAlgo, calib: Tensor
     return without_weights(plan)
 
 
-_RUNNERS: dict[str, Callable[..., QuantPlan]] = {"rtn": _run_rtn, "gptq": _run_gptq}
+def _run_awq(model: nn.Module, plan: QuantPlan, algo: WeightAlgo, calib: Tensor | None, device: str,
+             progress: bool) -> QuantPlan:
+    from awq.pre_quant import run_awq
+
+    a = algo.awq
+    run_awq(model, plan, calib, "", device, n_grid=a.n_grid, max_shrink=a.max_shrink, n_sample_token=a.n_sample_token,
+            progress=progress, record_grids=False)
+    return plan
+
+
+_RUNNERS: dict[str, Callable[..., QuantPlan]] = {"rtn": _run_rtn, "gptq": _run_gptq, "awq": _run_awq}
 WEIGHT_ALGOS = tuple(_RUNNERS)
-_NEEDS_CALIB = {"rtn": False, "gptq": True}
+_NEEDS_CALIB = {"rtn": False, "gptq": True, "awq": True}
+_NEXT_INPUTS = {"awq": "fp"}  # AWQ: every block searches on the full-precision model's inputs, as llm-awq
 
 
 @dataclass(frozen=True)
 class WeightAlgo:
-    """name: one of WEIGHT_ALGOS. gptq: GPTQ's settings. calib: the calibration data (unused by rtn)."""
+    """name: one of WEIGHT_ALGOS. gptq / awq: their settings. calib: the calibration data (unused by rtn)."""
 
     name: str = "rtn"
     gptq: GptqConfig = field(default_factory=GptqConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
+    awq: AwqSearchConfig = field(default_factory=AwqSearchConfig)
 
     def __post_init__(self) -> None:
         if self.name not in WEIGHT_ALGOS:
             raise ValueError(f"--weight_algo {self.name!r}: allowed: {', '.join(WEIGHT_ALGOS)}")
-        if not isinstance(self.gptq, GptqConfig) or not isinstance(self.calib, CalibConfig):
-            raise ValueError("WeightAlgo.gptq must be a GptqConfig and WeightAlgo.calib a CalibConfig")
+        if not isinstance(self.gptq, GptqConfig) or not isinstance(self.calib, CalibConfig) \
+                or not isinstance(self.awq, AwqSearchConfig):
+            raise ValueError("WeightAlgo.gptq must be a GptqConfig, WeightAlgo.calib a CalibConfig and WeightAlgo.awq "
+                             "an AwqSearchConfig")
 
     @property
     def needs_calib(self) -> bool:
@@ -76,18 +109,22 @@ class WeightAlgo:
     @property
     def next_inputs(self) -> str:
         """What the block after a calibrated one sees (blocks.NEXT_INPUTS)."""
-        return self.gptq.next_inputs if self.name == "gptq" else "quantized"
+        return self.gptq.next_inputs if self.name == "gptq" else _NEXT_INPUTS.get(self.name, "quantized")
 
     def to_dict(self) -> dict[str, Any]:
         if self.name == "rtn":
             return {"name": "rtn"}
+        if self.name == "awq":
+            return {"name": "awq", "awq": dataclasses.asdict(self.awq), "calib": dataclasses.asdict(self.calib)}
         return {"name": self.name, "gptq": self.gptq.to_dict(), "calib": dataclasses.asdict(self.calib)}
 
     def slug(self) -> str:
-        """e.g. `gptq-ao-sg-fpin-n32x512` (RTN: empty, so earlier result names stay)."""
+        """e.g. `gptq-ao-sg-fpin-n32x512`, `awq-g20-n128x512` (RTN: empty, so earlier result names stay)."""
         if self.name == "rtn":
             return ""
         g, c = self.gptq, self.calib
+        if self.name == "awq":
+            return f"awq-g{self.awq.n_grid}-n{c.n_samples}x{c.seq_len}"
         parts = [self.name]
         if g.act_order:
             parts.append("ao")

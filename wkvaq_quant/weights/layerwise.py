@@ -7,7 +7,7 @@ quantized and written to the output directory as its own shard:
 - RTN needs no data and no module: every tensor of the block is read in row chunks of about
   `safetensors_io.CHUNK_BYTES`, quantized (weights are quantized row by row, unless per_tensor)
   and appended to the shard, so memory holds one chunk, not one block.
-- GPTQ (and the other calibrated algorithms) read the modules the forward passes through before
+- GPTQ and AWQ (AWQ: scale and clip search, folded in, then RTN) read the modules the forward passes through before
   block 0 (embeddings, rotary embedding; never the head), capture block 0's inputs on the
   calibration windows, release those modules, then per block read it in, quantize it on its
   inputs, write it, compute the next block's inputs and release it (back to meta). With
@@ -44,6 +44,7 @@ from wkvaq_quant.weights.algo import WeightAlgo
 from wkvaq_quant.quantize import quantize
 from wkvaq_quant.weights.blocks import BlockInputs, advance_block, capture_block_inputs
 from wkvaq_quant.weights.gptq import gptq_block
+from wkvaq_quant.weights.rtn import rtn_quantize
 from wkvaq_quant.weights.safetensors_io import ShardWriter, TensorEntry, read_entries, read_rows, read_tensor, row_chunks
 
 __all__ = ["ACTIVATIONS_DIR", "INDEX_FILE", "LAYERWISE_ALGOS", "STATE_FILE", "SafetensorsCheckpoint",
@@ -52,7 +53,7 @@ __all__ = ["ACTIVATIONS_DIR", "INDEX_FILE", "LAYERWISE_ALGOS", "STATE_FILE", "Sa
 STATE_FILE = "wkvaq_layerwise.json"
 ACTIVATIONS_DIR = ".activations"
 INDEX_FILE = "model.safetensors.index.json"
-LAYERWISE_ALGOS = ("rtn", "gptq")
+LAYERWISE_ALGOS = ("rtn", "gptq", "awq")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".gguf")
 
 
@@ -339,7 +340,15 @@ def _calibrated(sk: _Skeleton, plan: QuantPlan, algo: WeightAlgo, device: str) -
         lins = [(short, lin) for b, short, _, lin in block_linears(sk.model) if b == i]
         gptq_block(block, i, lins, inputs, plan, algo.gptq, device)
 
-    return {"gptq": gptq}[algo.name]
+    def awq(i: int, block: nn.Module, inputs: BlockInputs) -> None:
+        from awq.pre_quant import awq_block
+
+        a = algo.awq
+        awq_block(block, sk.prefixes[i], i, inputs, plan, device, a.n_grid, a.max_shrink, a.n_sample_token,
+                  {"scale": {}, "clip": {}})
+        rtn_quantize(sk.model, plan, blocks={i})
+
+    return {"gptq": gptq, "awq": awq}[algo.name]
 
 
 def _shard_bytes(path: Path) -> tuple[list[str], int]:

@@ -29,7 +29,7 @@ DTYPE_CODES: dict[torch.dtype, str] = {
     torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 _DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
-CHUNK_BYTES = 32 << 20
+CHUNK_BYTES = 8 << 20
 """Row chunks of a tensor read, converted or quantized and written at a time (about this size)."""
 
 
