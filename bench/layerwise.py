@@ -1,11 +1,14 @@
-"""Layer-wise quantization memory benchmark: peak RSS of layer-wise RTN versus loading the model
-whole and quantizing it, on a synthetic Llama-shaped checkpoint (random weights, written once to
-safetensors shards by this script).
+"""Layer-wise quantization memory benchmark: peak RSS of layer-wise RTN / GPTQ versus loading the
+model whole and quantizing it, on synthetic Llama-shaped checkpoints (random BF16 weights,
+written once, tensor by tensor, to safetensors shards by this script).
 
-    OMP_NUM_THREADS=1 python bench/layerwise.py --write
+    OMP_NUM_THREADS=1 python bench/layerwise.py --sizes 1b,7b --gptq 1b --write
 
 Each measurement is its own process (its peak RSS is its own): `whole` loads the checkpoint with
-`from_pretrained` and runs `rtn_quantize`; `layer-wise` runs `main.py --layer_wise --save_quant`.
+`from_pretrained` and runs `rtn_quantize` (or `gptq_quantize`); `layer-wise` runs
+`main.py --layer_wise --save_quant`. A third process only imports torch, transformers and this
+package: the floor under every run. The synthetic checkpoints use the embedded model's tokenizer
+(vocabulary 49152), so GPTQ calibrates on real text.
 """
 
 from __future__ import annotations
@@ -23,29 +26,65 @@ from _results_md import write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Layer-wise quantization memory (bench/layerwise.py)"
+SIZES = {  # Llama-shaped, vocabulary of the embedded tokenizer, untied head
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32),
+}
+VOCAB = 49152
 
 WRITE = """
-import json, sys, torch
+import json, math, sys, torch
+from pathlib import Path
 from transformers import LlamaConfig, LlamaForCausalLM
-cfg = LlamaConfig(**json.loads(sys.argv[2]))
-torch.manual_seed(0)
+from wkvaq_quant.models import load_tokenizer, resolve_model
+from wkvaq_quant.weights.safetensors_io import ShardWriter
+out, cfg = Path(sys.argv[1]), LlamaConfig(**json.loads(sys.argv[2]))
+out.mkdir(parents=True)
 with torch.device("meta"):
-    m = LlamaForCausalLM(cfg)
-m.to_empty(device="cpu")
-for p in m.parameters():
-    p.data.normal_(0, 0.02)
-m.to(torch.bfloat16).save_pretrained(sys.argv[1], max_shard_size="500MB")
-print(sum(p.numel() for p in m.parameters()))
+    shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(cfg).state_dict().items()}
+shards, cur, size = [], [], 0
+for k, shape in shapes.items():
+    if cur and size + 2 * math.prod(shape) > 500 * 2**20:
+        shards.append(cur); cur, size = [], 0
+    cur.append(k); size += 2 * math.prod(shape)
+shards.append(cur)
+gen, weight_map = torch.Generator().manual_seed(0), {}
+for j, names in enumerate(shards):
+    name = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
+    with ShardWriter(out / name, [(k, torch.bfloat16, shapes[k]) for k in names]) as w:
+        for k in names:
+            t = torch.ones(shapes[k]) if len(shapes[k]) == 1 else torch.randn(shapes[k], generator=gen) * 0.02
+            w.write(k, t.to(torch.bfloat16))
+            weight_map[k] = name
+total = sum(2 * math.prod(s) for s in shapes.values())
+(out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                              "weight_map": weight_map}))
+cfg.torch_dtype = torch.bfloat16
+cfg.save_pretrained(out)
+load_tokenizer(resolve_model("smollm2-135m")).save_pretrained(out)
+print(sum(math.prod(s) for s in shapes.values()))
 """
 
 WHOLE = """
 import json, resource, sys, time
 t0 = time.perf_counter()
 from wkvaq_quant.config import QuantPlan
-from wkvaq_quant.models import load_model, resolve_model
-from wkvaq_quant.weights.rtn import rtn_quantize
-model, _ = load_model(resolve_model(sys.argv[1]), "bfloat16")
-rtn_quantize(model, QuantPlan.from_flags(w_bits=4, w_group_size=128))
+from wkvaq_quant.models import load_model, load_tokenizer, resolve_model
+from wkvaq_quant.weights.algo import CalibConfig
+plan = QuantPlan.from_flags(w_bits=4, w_group_size=128)
+source = resolve_model(sys.argv[1])
+model, _ = load_model(source, "bfloat16")
+if sys.argv[2] == "rtn":
+    from wkvaq_quant.weights.rtn import rtn_quantize
+    rtn_quantize(model, plan)
+else:
+    from wkvaq_quant.data import get_calib_windows, resolve_text_source
+    from wkvaq_quant.weights.gptq import gptq_quantize
+    n, seq = int(sys.argv[3]), int(sys.argv[4])
+    calib = get_calib_windows(resolve_text_source("wiki_sample", "calib"), load_tokenizer(source), n, seq, 0, False)
+    gptq_quantize(model, plan, calib, progress=False)
 print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "seconds": time.perf_counter() - t0}))
 """
@@ -65,59 +104,97 @@ def _run(cmd: list[str]) -> str:
     return proc.stdout
 
 
+def _last_json(printed: str) -> dict:
+    return json.loads(printed.strip().splitlines()[-1])
+
+
+def _measure(work: Path, size: str, algo: str, n_calib: int, seq: int) -> dict:
+    """{"n_params", "gib", "whole", "layer_wise"} of one size and algorithm (cached in `work`)."""
+    cached = work / f"{size}-{algo}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    src, out = work / f"synthetic-{size}", work / f"quant-{size}-{algo}"
+    if not (src / "config.json").is_file():
+        shutil.rmtree(src, ignore_errors=True)
+        shape = {**SIZES[size], "head_dim": 128 if size == "7b" else 64, "vocab_size": VOCAB,
+                 "tie_word_embeddings": False}
+        (work / f"{size}-n_params.txt").write_text(_run([sys.executable, "-c", WRITE, str(src),
+                                                          json.dumps(shape)]).strip().splitlines()[-1])
+    calib = [str(n_calib), str(seq)] if algo == "gptq" else []
+    whole = _last_json(_run([sys.executable, "-c", WHOLE, str(src), algo, *calib]))
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    flags = ["--weight_algo", algo] + (["--n_calib", str(n_calib), "--calib_seq_len", str(seq)] if calib else [])
+    printed = _run([sys.executable, "main.py", "--model", str(src), "--dtype", "bfloat16", "--w_bits", "4",
+                    "--w_group_size", "128", *flags, "--layer_wise", "--save_quant", str(out), "--no_progress"])
+    lw = json.loads(printed[printed.index("{\n"):])
+    lw["wall_s"] = time.perf_counter() - t0
+    shutil.rmtree(out, ignore_errors=True)
+    res = {"n_params": int((work / f"{size}-n_params.txt").read_text()),
+           "gib": sum(f.stat().st_size for f in src.glob("*.safetensors")) / 2**30, "whole": whole, "layer_wise": lw}
+    cached.write_text(json.dumps(res))
+    return res
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--intermediate", type=int, default=8192)
-    p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--sizes", default="1b", help=f"comma-separated, of {', '.join(SIZES)} (RTN)")
+    p.add_argument("--gptq", default="", help="sizes also measured with GPTQ (comma-separated)")
+    p.add_argument("--n_calib", type=int, default=8)
+    p.add_argument("--calib_seq_len", type=int, default=512)
     p.add_argument("--work", default="/tmp/wkvaq-bench-layerwise")
     p.add_argument("--write", action="store_true", help="update the section in bench/RESULTS.md")
     args = p.parse_args()
+    sizes = [s for s in args.sizes.split(",") if s]
+    gptq = [s for s in args.gptq.split(",") if s]
+    bad = [s for s in sizes + gptq if s not in SIZES]
+    if bad:
+        p.error(f"--sizes / --gptq {', '.join(bad)}: allowed: {', '.join(SIZES)}")
     work = Path(args.work)
-    src, out = work / "synthetic", work / "quant"
-    shape = dict(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-                 num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 256, head_dim=64,
-                 vocab_size=args.vocab, tie_word_embeddings=False)
-    if not (src / "config.json").is_file():
-        shutil.rmtree(src, ignore_errors=True)
-        n_params = int(_run([sys.executable, "-c", WRITE, str(src), json.dumps(shape)]).strip().splitlines()[-1])
-        (work / "n_params.txt").write_text(str(n_params))
-    n_params = int((work / "n_params.txt").read_text())
-    size_gb = sum(f.stat().st_size for f in src.glob("*.safetensors")) / 2**30
-    whole = json.loads(_run([sys.executable, "-c", WHOLE, str(src)]).strip().splitlines()[-1])
-    base = json.loads(_run([sys.executable, "-c", BASELINE]).strip().splitlines()[-1])["peak_rss_mb"]
-    shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
-    printed = _run([sys.executable, "main.py", "--model", str(src), "--dtype", "bfloat16", "--w_bits", "4",
-                    "--w_group_size", "128", "--layer_wise", "--save_quant", str(out), "--no_progress"])
-    lw = json.loads(printed[printed.index("{\n"):])
-    lw["wall_s"] = time.perf_counter() - t0
-    ratio = lw["peak_rss_mb"] / whole["peak_rss_mb"]
-    above = (lw["peak_rss_mb"] - base) / (whole["peak_rss_mb"] - base)
-    print(json.dumps({"whole": whole, "layer_wise": lw, "baseline_mb": base, "ratio": ratio}, indent=1), flush=True)
+    work.mkdir(parents=True, exist_ok=True)
+    base = _last_json(_run([sys.executable, "-c", BASELINE]))["peak_rss_mb"]
+    rows = ["| checkpoint | algorithm | whole model: peak RSS, time | layer-wise: peak RSS, time | layer-wise vs whole "
+            "| above the import floor: layer-wise vs whole |", "|---|---|---:|---:|---:|---:|"]
+    for size, algo in [(s, "rtn") for s in sizes] + [(s, "gptq") for s in gptq]:
+        r = _measure(work, size, algo, args.n_calib, args.calib_seq_len)
+        w, lw = r["whole"], r["layer_wise"]
+        ratio = lw["peak_rss_mb"] / w["peak_rss_mb"]
+        above = (lw["peak_rss_mb"] - base) / (w["peak_rss_mb"] - base)
+        name = "RTN" if algo == "rtn" else f"GPTQ ({args.n_calib} x {args.calib_seq_len} calibration)"
+        rows.append(f"| {size}: {r['n_params'] / 1e9:.2f} B params, {r['gib']:.2f} GiB | {name} "
+                    f"| {w['peak_rss_mb'] / 1024:.2f} GiB, {w['seconds']:.0f} s "
+                    f"| {lw['peak_rss_mb'] / 1024:.2f} GiB, {lw['wall_s']:.0f} s "
+                    f"| {ratio:.1%} ({1 - ratio:.1%} less) | {above:.1%} ({1 - above:.1%} less) |")
+        print(rows[-1], flush=True)
+    shapes = "; ".join(f"{s}: hidden {SIZES[s]['hidden_size']}, intermediate {SIZES[s]['intermediate_size']}, "
+                       f"{SIZES[s]['num_hidden_layers']} blocks, {SIZES[s]['num_key_value_heads']} KV heads"
+                       for s in dict.fromkeys(sizes + gptq))
     section = f"""{SECTION}
 
-Synthetic Llama-shaped checkpoint, random weights, BF16 safetensors in shards of 500 MB:
-{n_params / 1e9:.2f} B parameters ({size_gb:.2f} GiB; hidden {args.hidden}, intermediate {args.intermediate},
-{args.layers} blocks, vocabulary {args.vocab}, untied head). W4 g128 INT RTN, CPU:
+Synthetic Llama-shaped checkpoints, random BF16 weights in safetensors shards of 500 MB, vocabulary {VOCAB},
+untied head ({shapes}). W4 g128 asymmetric INT, `--dtype bfloat16`, CPU, OMP_NUM_THREADS=1. Whole model:
+`from_pretrained` + `rtn_quantize` / `gptq_quantize` in one process; layer-wise:
+`main.py --layer_wise --save_quant DIR` (RTN streams every tensor in row chunks of 8 MiB; GPTQ holds one block,
+its calibration activations and the Hessians of its Linears).
 
-| run | peak RSS | wall time |
-|---|---:|---:|
-| whole model (`from_pretrained` + `rtn_quantize`) | {whole['peak_rss_mb'] / 1024:.2f} GiB | {whole['seconds']:.0f} s |
-| layer-wise (`main.py --layer_wise --save_quant`) | {lw['peak_rss_mb'] / 1024:.2f} GiB | {lw['wall_s']:.0f} s |
+| checkpoint | algorithm | whole model: peak RSS, time | layer-wise: peak RSS, time | layer-wise vs whole | above the import floor: layer-wise vs whole |
+{chr(10).join(rows[1:])}
 
-Layer-wise peak RSS is {ratio:.1%} of the whole-model run's ({1 - ratio:.1%} less; the goal of 90% less is not
-reached at this size). A process that only imports torch, transformers and this package peaks at
-{base / 1024:.2f} GiB; above that, layer-wise needs {above:.1%} of the whole-model run ({1 - above:.1%} less): the
-embeddings and head (2 x {args.vocab} x {args.hidden}), one block and its quantization temporaries.
-GPTQ layer-wise was not measured at this size (its column loop on this 2-core CPU would take long).
+The import floor: a process that only imports torch, transformers' Llama and this package peaks at
+{base / 1024:.2f} GiB; no run can go below it, so at 1 B parameters it alone is
+{base / rows_whole(work, sizes):.0%} of the whole-model run. The last column compares what each run needs above it.
 
-    OMP_NUM_THREADS=1 python bench/layerwise.py --write
+    OMP_NUM_THREADS=1 python bench/layerwise.py --sizes {args.sizes} --gptq {args.gptq or '""'} \\
+        --n_calib {args.n_calib} --calib_seq_len {args.calib_seq_len} --write
 """
     print(section)
     if args.write:
         write_section(SECTION, section)
+
+
+def rows_whole(work: Path, sizes: list[str]) -> float:
+    """Peak RSS (MiB) of the whole-model RTN run of the smallest size measured."""
+    return json.loads((work / f"{sizes[0]}-rtn.json").read_text())["whole"]["peak_rss_mb"]
 
 
 if __name__ == "__main__":
