@@ -164,9 +164,10 @@ def _count_resident(monkeypatch):
     return resident
 
 
-def test_gptq_holds_one_block_at_a_time(tied, tmp_path, ids, monkeypatch):
+@pytest.mark.parametrize("algo", [_algo("gptq"), AWQ], ids=["gptq", "awq"])
+def test_calibrated_runs_hold_one_block_at_a_time(tied, tmp_path, ids, monkeypatch, algo):
     resident = _count_resident(monkeypatch)
-    quantize_layer_wise(tied, tmp_path / "out", PLAN, _algo("gptq"), calib=ids, progress=False, log=lambda s: None)
+    quantize_layer_wise(tied, tmp_path / "out", PLAN, algo, calib=ids, progress=False, log=lambda s: None)
     assert resident == [(1, False)] * 3  # the embeddings are released once block 0's inputs are captured
 
 
