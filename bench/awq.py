@@ -109,14 +109,15 @@ n_grid={peer['n_grid']})` (scales from the activation magnitude only, as ours an
 i / (n_grid - 1), ours i / n_grid) followed by `QuantizationModifier` with that scheme; it has no clip search,
 ours searches a clip per group ({args.n_grid // 2} candidates) after scaling. Its time is the `oneshot` call
 (calibration, search, quantization), ours the search of `python -m awq.entry` (calibration forwards, scale and
-clip search). The evaluated llm-compressor model was checked to compute with its fake-quantized weights
+clip search); peak RSS: our `awq.entry` process (search, cache and checkpoint writing), llm-compressor's
+process right after `oneshot` (before the evaluation). The evaluated llm-compressor model was checked to compute with its fake-quantized weights
 (`{check['module']}`: forward equals an independent dequantization to {check['max_abs_err_vs_manual_qdq']:.1e},
 differs from the stored FP weight by {check['max_abs_diff_vs_stored_weight']:.2g}).
 
 | W{bits} g{g} int | RTN ppl | AWQ ppl | AWQ time | peak RSS |
 |---|---:|---:|---:|---:|
 | ours (`awq.entry`) | {rtn['ppl']:.3f} | {awq['ppl']:.3f} | {run['search_s']:.0f} s | {run['peak_rss_mb'] / 1024:.2f} GiB |
-| llm-compressor | {rtn['ppl']:.3f} | {peer['ppl']:.3f} | {peer['oneshot_s']:.0f} s | {peer['peak_rss_mb'] / 1024:.2f} GiB |
+| llm-compressor | {rtn['ppl']:.3f} | {peer['ppl']:.3f} | {peer['oneshot_s']:.0f} s | {peer['peak_rss_mb_oneshot'] / 1024:.2f} GiB |
 | ours / llm-compressor | | {awq['ppl'] / peer['ppl']:.3f}x | {run['search_s'] / peer['oneshot_s']:.2f}x | |
 
     OMP_NUM_THREADS=1 /work/venvs/llmcompressor/bin/python bench/awq_llmcompressor.py --bits {bits} \\

@@ -30,9 +30,11 @@ def _main_py(args, work: Path, *flags: str) -> dict:
     return run_main(["--model", "smollm2-135m", "--n_windows", str(args.n_windows), *flags], out)
 
 
-PEER_FLAGS = {"none": (), "static": ("--act_order", "--static_groups")}
-"""Our GPTQ flags matching llm-compressor's actorder (static = "weight": act order, groups keep their
-original columns and parameters from the original weight)."""
+PEER_FLAGS = {"none": ((), ("--static_groups",)), "static": (("--act_order", "--static_groups"),)}
+"""Our GPTQ flags compared with each llm-compressor actorder. llm-compressor always takes group
+parameters from the original weight, so "none" is matched exactly by our `--static_groups` (our
+default chooses them from the updated columns), and "static" (= "weight": act order, each column keeps
+its own group) by our `--act_order --static_groups`."""
 
 
 def _peer_text(args, work: Path, calib: list[str]) -> str:
@@ -52,12 +54,13 @@ def _peer_text(args, work: Path, calib: list[str]) -> str:
         bits, g, order = peer["bits"], peer["group_size"], peer["actorder"]
         w = ["--w_bits", str(bits), "--w_group_size", str(g)]
         rtn = _main_py(args, work, *w)["results"]["wiki_sample"]["ppl"]
-        ours = _main_py(args, work, *w, "--weight_algo", "gptq", *calib, *PEER_FLAGS[order])
-        name = f"W{bits} g{g} int, actorder {order} / ours{''.join(' ' + f for f in PEER_FLAGS[order]) or ' default'}"
-        rows.append(f"| {name} | {rtn:.3f} | {ours['results']['wiki_sample']['ppl']:.3f} | {peer['ppl']:.3f} | "
-                    f"{ours['weight_algo_s']:.0f} s | {peer['oneshot_s']:.0f} s | "
-                    f"{ours['weight_algo_s'] / peer['oneshot_s']:.2f}x | {ours['peak_rss_mb'] / 1024:.2f} GiB | "
-                    f"{peer['peak_rss_mb_oneshot'] / 1024:.2f} GiB |")
+        for flags in PEER_FLAGS[order]:
+            ours = _main_py(args, work, *w, "--weight_algo", "gptq", *calib, *flags)
+            name = f"W{bits} g{g} int: actorder {order} / ours {' '.join(f'`{f}`' for f in flags) or 'default'}"
+            rows.append(f"| {name} | {rtn:.3f} | {ours['results']['wiki_sample']['ppl']:.3f} | {peer['ppl']:.3f} | "
+                        f"{ours['weight_algo_s']:.0f} s | {peer['oneshot_s']:.0f} s | "
+                        f"{ours['weight_algo_s'] / peer['oneshot_s']:.2f}x | {ours['peak_rss_mb'] / 1024:.2f} GiB | "
+                        f"{peer['peak_rss_mb_oneshot'] / 1024:.2f} GiB |")
     p0 = peers[0]
     checks = "; ".join(f"{p['fake_quant_check']['module']} (W{p['bits']}, {p['actorder']}): "
                        f"{p['fake_quant_check']['max_abs_err_vs_manual_qdq']:.1e}" for p in peers)
@@ -69,12 +72,13 @@ def _peer_text(args, work: Path, calib: list[str]) -> str:
 `GPTQModifier(block_size=128, dampening_frac=0.01, actorder=...)` with an explicit QuantizationScheme (asymmetric
 INT, integer zero point, the bits and group size of the row; group 128 is refused by compressed-tensors on this
 model since hidden 576 is not a multiple of 128), the same {p0['n_calib']} x {p0['calib_seq_len']} calibration windows and
-evaluation windows, both single-threaded on this CPU. llm-compressor's actorder "static" (= "weight") matches
-our `--act_order --static_groups`; it has no dynamic ordering for GPTQ, and its group parameters always come
-from the original weight (ours without `--static_groups` choose them from the error-updated columns, as the
-reference GPTQ). Its time is the `oneshot` call (calibration forwards, Hessians, GPTQ), ours `weight_algo_s` of
-main.py (the same work, true-sequential: four forwards per block for the Hessians and one for the next block's
-inputs; llm-compressor does one forward per block for all Hessians and one to propagate). Peak RSS: main.py's
+evaluation windows, both single-threaded on this CPU. llm-compressor takes every group's parameters from
+the original weight before GPTQ starts, so its actorder none is matched exactly by our `--static_groups` (our
+default chooses them from the error-updated columns when the group starts, as the reference GPTQ) and its
+actorder "static" (= "weight") by our `--act_order --static_groups`; it has no dynamic ordering for GPTQ. Its time is the `oneshot` call (calibration forwards, Hessians, GPTQ), ours `weight_algo_s` of
+main.py (the same work, but true-sequential: per block one pass per group of Linears for the Hessians,
+each forward stopped at the group's last Linear, and one forward for the next block's inputs; llm-compressor
+takes all Hessians of a block from one forward of the unquantized block and runs one forward to propagate). Peak RSS: main.py's
 whole process (evaluation included), llm-compressor's process after `oneshot`. Each evaluated llm-compressor
 model was checked to compute with its fake-quantized weights (forward vs an independent dequantization, max abs
 difference: {checks}).
@@ -125,8 +129,8 @@ uses 128 x 2048, reduced for the 2-core CPU). Asymmetric INT with an integer zer
 
 {chr(10).join(rows)}
 
-GPTQ time: capturing block inputs, the Hessians (four block forwards per block, true-sequential, and one for the next block's inputs) and the
-column loop, on the CPU with OMP_NUM_THREADS={threads} (the machine's 2 cores are shared with other work);
+GPTQ time: capturing block inputs, the Hessians (per block one pass per true-sequential group, each
+forward stopped at the group's last Linear, and one full forward for the next block's inputs) and the column loop, on the CPU with OMP_NUM_THREADS={threads} (the machine's 2 cores are shared with other work);
 main.py wall time adds loading, calibration sampling and the evaluation.
 
     OMP_NUM_THREADS={threads} python bench/gptq.py --n_windows {args.n_windows} --n_calib {args.n_calib} \\
