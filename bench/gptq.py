@@ -37,14 +37,19 @@ default chooses them from the updated columns), and "static" (= "weight": act or
 its own group) by our `--act_order --static_groups`."""
 
 
+def _commit(record: dict) -> str:
+    """The git commit main.py ran at (the code a time was measured with)."""
+    return record.get("versions", {}).get("git_commit") or "?"
+
+
 def _peer_text(args, work: Path, calib: list[str]) -> str:
     """Side-by-side rows with llm-compressor's GPTQ (JSON records from `--peer`), our runs at the
     same bits, group size and ordering."""
     if not args.peer:
         return "llm-compressor's GPTQ: not measured in this run (`bench/gptq_llmcompressor.py`; JSON to `--peer`)."
     rows = ["| setting | RTN ppl | GPTQ ppl ours | GPTQ ppl llm-compressor | GPTQ time ours | GPTQ time "
-            "llm-compressor | time ours / theirs | peak RSS ours | peak RSS llm-compressor |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "llm-compressor | time ours / theirs | peak RSS ours | peak RSS llm-compressor | commit |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     peers = [json.loads(Path(f).read_text()) for f in args.peer]
     for peer in peers:
         for key, ours in (("n_calib", args.n_calib), ("calib_seq_len", args.calib_seq_len),
@@ -60,7 +65,7 @@ def _peer_text(args, work: Path, calib: list[str]) -> str:
             rows.append(f"| {name} | {rtn:.3f} | {ours['results']['wiki_sample']['ppl']:.3f} | {peer['ppl']:.3f} | "
                         f"{ours['weight_algo_s']:.0f} s | {peer['oneshot_s']:.0f} s | "
                         f"{ours['weight_algo_s'] / peer['oneshot_s']:.2f}x | {ours['peak_rss_mb'] / 1024:.2f} GiB | "
-                        f"{peer['peak_rss_mb_oneshot'] / 1024:.2f} GiB |")
+                        f"{peer['peak_rss_mb_oneshot'] / 1024:.2f} GiB | {_commit(ours)} |")
     p0 = peers[0]
     checks = "; ".join(f"{p['fake_quant_check']['module']} (W{p['bits']}, {p['actorder']}): "
                        f"{p['fake_quant_check']['max_abs_err_vs_manual_qdq']:.1e}" for p in peers)
@@ -105,8 +110,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     calib = ["--n_calib", str(args.n_calib), "--calib_seq_len", str(args.calib_seq_len)]
     fp = _main_py(args, work)
-    rows = ["| weights | RTN ppl | GPTQ ppl | GPTQ vs RTN | GPTQ time | main.py wall time (GPTQ run) |",
-            "|---|---:|---:|---:|---:|---:|"]
+    rows = ["| weights | RTN ppl | GPTQ ppl | GPTQ vs RTN | GPTQ time | main.py wall time (GPTQ run) | commit |",
+            "|---|---:|---:|---:|---:|---:|---|"]
     for bits, extra in SETTINGS:
         w = ["--w_bits", str(bits), "--w_group_size", str(args.group_size)]
         rtn = _main_py(args, work, *w)
@@ -115,7 +120,7 @@ def main() -> None:
         name = f"W{bits} g{args.group_size} int" + "".join(f" {e}" for e in extra)
         print(f"{name}: RTN {r:.3f} GPTQ {g:.3f} in {gptq['weight_algo_s']:.0f} s", flush=True)
         rows.append(f"| {name} | {r:.3f} | {g:.3f} | {g / r:.3f}x | "
-                    f"{gptq['weight_algo_s']:.0f} s | {gptq['total_s']:.0f} s |")
+                    f"{gptq['weight_algo_s']:.0f} s | {gptq['total_s']:.0f} s | {_commit(gptq)} |")
     peer_text = _peer_text(args, work, calib)
     threads = os.environ.get("OMP_NUM_THREADS", "default")
     peer_flag = " --peer peer-gptq-*.json" if args.peer else ""
@@ -131,7 +136,9 @@ uses 128 x 2048, reduced for the 2-core CPU). Asymmetric INT with an integer zer
 
 GPTQ time: capturing block inputs, the Hessians (per block one pass per true-sequential group, each
 forward stopped at the group's last Linear, and one full forward for the next block's inputs) and the column loop, on the CPU with OMP_NUM_THREADS={threads} (the machine's 2 cores are shared with other work);
-main.py wall time adds loading, calibration sampling and the evaluation.
+main.py wall time adds loading, calibration sampling and the evaluation; commit: the code the run used (from
+0cfce6a on, each Hessian pass stops at its group's last Linear and Linears fed one input share one
+accumulation: bit-identical weights in less time, see bench/gptq_block_time.py).
 
     OMP_NUM_THREADS={threads} python bench/gptq.py --n_windows {args.n_windows} --n_calib {args.n_calib} \\
         --calib_seq_len {args.calib_seq_len}{peer_flag} --write
