@@ -44,6 +44,7 @@ def _module_at(rev: str, tmp: Path):
     path.write_text(src)
     spec = importlib.util.spec_from_file_location("gptq_at_rev", path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses resolve the module's annotations through sys.modules
     spec.loader.exec_module(mod)
     return mod
 
