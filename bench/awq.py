@@ -49,11 +49,11 @@ def _ppl(windows, weights: str | None = None, plan: QuantPlan | None = None) -> 
         return evaluate_perplexity(model, windows, progress=False).ppl
 
 
-def _awq_run(args, bits: int, dtype: str, work: Path) -> dict:
-    tag = f"w{bits}-g{args.group_size}-{dtype}"
+def _awq_run(args, bits: int, dtype: str, work: Path, group_size: int) -> dict:
+    tag = f"w{bits}-g{group_size}-{dtype}"
     out = work / f"fake-{tag}"
     cmd = [sys.executable, "-m", "awq.entry", "--model", "smollm2-135m", "--w_bit", str(bits), "--q_group_size",
-           str(args.group_size), "--wq_dtype", dtype, "--n_calib", str(args.n_calib), "--calib_seq_len",
+           str(group_size), "--wq_dtype", dtype, "--n_calib", str(args.n_calib), "--calib_seq_len",
            str(args.calib_seq_len), "--n_grid", str(args.n_grid), "--batch_size", str(args.n_calib),
            "--run_awq", "--dump_awq", str(work / f"{tag}.pt"), "--dump_fake", str(out), "--no_progress"]
     t0 = time.perf_counter()
@@ -65,6 +65,73 @@ def _awq_run(args, bits: int, dtype: str, work: Path) -> dict:
             "peak_rss_mb": summary["peak_rss_mb"], "checkpoint": str(out)}
 
 
+class _Store:
+    """Finished measurements of one group size, kept in `work` and reused."""
+
+    def __init__(self, args, group_size: int, work: Path) -> None:
+        self.path = work / f"results-g{group_size}-n{args.n_calib}x{args.calib_seq_len}-grid{args.n_grid}.json"
+        self.res = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def done(self, key: str, compute) -> dict:
+        if key not in self.res:
+            self.res[key] = compute()
+            atomic_write_json(self.path, self.res)
+            print(f"{key}: {self.res[key]}", flush=True)
+        return self.res[key]
+
+    def setting(self, args, windows, work: Path, group_size: int, bits: int, dtype: str) -> tuple[dict, dict, dict]:
+        """(RTN, AWQ, AWQ run) measurements of one setting."""
+        plan = QuantPlan.from_flags(w_bits=bits, w_group_size=group_size, w_dtype=dtype)
+        rtn = self.done(f"rtn-w{bits}-{dtype}", lambda: {"ppl": _ppl(windows, plan=plan)})
+        run = self.done(f"awq-run-w{bits}-{dtype}", lambda: _awq_run(args, bits, dtype, work, group_size))
+        awq = self.done(f"awq-w{bits}-{dtype}", lambda: {"ppl": _ppl(windows, weights=run["checkpoint"])})
+        return rtn, awq, run
+
+
+def _peer_text(args, windows, work: Path) -> str:
+    """The side-by-side table with llm-compressor's AWQ (its JSON record from `--peer`)."""
+    if not args.peer:
+        return ("llm-compressor's AWQ: not measured in this run (`bench/awq_llmcompressor.py` measures it; "
+                "its JSON goes to `--peer`).")
+    peer = json.loads(Path(args.peer).read_text())
+    bits, g = peer["bits"], peer["group_size"]
+    for key, ours in (("n_calib", args.n_calib), ("calib_seq_len", args.calib_seq_len), ("n_grid", args.n_grid),
+                      ("n_windows", args.n_windows)):
+        if peer[key] != ours:
+            raise ValueError(f"--peer {args.peer}: {key} {peer[key]} differs from ours ({ours})")
+    rtn, awq, run = _Store(args, g, work).setting(args, windows, work, g, bits, "int")
+    check = peer["fake_quant_check"]
+    return f"""llm-compressor {peer['llmcompressor']} (compressed-tensors {peer['compressed_tensors']}) side by side, W{bits}
+g{g} asymmetric INT with an integer zero point (group 128 is refused by compressed-tensors on this model: hidden
+576 is not a multiple of 128), the same {peer['n_calib']} x {peer['calib_seq_len']} calibration windows and the same
+evaluation windows, both single-threaded on this CPU. llm-compressor: `AWQModifier(duo_scaling=False,
+n_grid={peer['n_grid']})` (scales from the activation magnitude only, as ours and llm-awq; its grid is
+i / (n_grid - 1), ours i / n_grid) followed by `QuantizationModifier` with that scheme; it has no clip search,
+ours searches a clip per group ({args.n_grid // 2} candidates) after scaling. Its time is the `oneshot` call
+(calibration, search, quantization), ours the search of `python -m awq.entry` (calibration forwards, scale and
+clip search); peak RSS: our `awq.entry` process (search, cache and checkpoint writing), llm-compressor's
+process right after `oneshot` (before the evaluation). The evaluated llm-compressor model was checked to compute with its fake-quantized weights
+(`{check['module']}`: forward equals an independent dequantization to {check['max_abs_err_vs_manual_qdq']:.1e},
+differs from the stored FP weight by {check['max_abs_diff_vs_stored_weight']:.2g}).
+
+| W{bits} g{g} int | RTN ppl | AWQ ppl | AWQ time | peak RSS |
+|---|---:|---:|---:|---:|
+| ours (`awq.entry`) | {rtn['ppl']:.3f} | {awq['ppl']:.3f} | {run['search_s']:.0f} s | {run['peak_rss_mb'] / 1024:.2f} GiB |
+| llm-compressor | {rtn['ppl']:.3f} | {peer['ppl']:.3f} | {peer['oneshot_s']:.0f} s | {peer['peak_rss_mb_oneshot'] / 1024:.2f} GiB |
+| ours / llm-compressor | | {awq['ppl'] / peer['ppl']:.3f}x | {run['search_s'] / peer['oneshot_s']:.2f}x | |
+
+Goal (our time at most half of llm-compressor's) not met. A cProfile of one block (W4 g64, 8 x 256 tokens)
+puts about 70% of our time in the scale search (one forward of the inspected attention / MLP / Linear per grid
+point, the work llm-compressor's search does too), about 24% in the clip search (which llm-compressor does not
+do) and about 6% in recording the block's inputs. The g{args.group_size} rows above were measured in an earlier
+session under a different load of the shared machine; the two rows here ran back to back.
+
+    OMP_NUM_THREADS=1 /work/venvs/llmcompressor/bin/python bench/awq_llmcompressor.py --bits {bits} \\
+        --group_size {g} --n_calib {peer['n_calib']} --calib_seq_len {peer['calib_seq_len']} --n_grid {peer['n_grid']} \\
+        --n_windows {peer['n_windows']} --out peer-awq.json
+"""
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n_windows", type=int, default=8)
@@ -74,52 +141,30 @@ def main() -> None:
     p.add_argument("--n_grid", type=int, default=10)
     p.add_argument("--work", default="/tmp/wkvaq-bench-awq", help="finished measurements are reused from here")
     p.add_argument("--peer", default=None,
-                   help="JSON line printed by bench/awq_llmcompressor.py (llm-compressor's AWQ, W4 g128 int)")
+                   help="JSON record written by bench/awq_llmcompressor.py --out (llm-compressor's AWQ); our "
+                        "AWQ runs at its bits and group size for the side-by-side table")
     p.add_argument("--write", action="store_true", help="update the section in bench/RESULTS.md")
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    store = work / f"results-g{args.group_size}-n{args.n_calib}x{args.calib_seq_len}-grid{args.n_grid}.json"
-    res = json.loads(store.read_text()) if store.exists() else {}
-
-    def done(key: str, compute) -> dict:
-        if key not in res:
-            res[key] = compute()
-            atomic_write_json(store, res)
-            print(f"{key}: {res[key]}", flush=True)
-        return res[key]
-
+    store = _Store(args, args.group_size, work)
     source = resolve_model("smollm2-135m")
     windows = get_eval_windows(resolve_text_source("wiki_sample", "eval"), load_tokenizer(source), 2048,
                                source.add_special_tokens)[: args.n_windows]
-    done("fp", lambda: {"ppl": _ppl(windows)})
-    for bits, dtype in SETTINGS:
-        plan = QuantPlan.from_flags(w_bits=bits, w_group_size=args.group_size, w_dtype=dtype)
-        done(f"rtn-w{bits}-{dtype}", lambda: {"ppl": _ppl(windows, plan=plan)})
-        run = done(f"awq-run-w{bits}-{dtype}", lambda: _awq_run(args, bits, dtype, work))
-        done(f"awq-w{bits}-{dtype}", lambda: {"ppl": _ppl(windows, weights=run["checkpoint"])})
-
+    fp = store.done("fp", lambda: {"ppl": _ppl(windows)})
     rows = ["| weights | RTN ppl | AWQ ppl | AWQ vs RTN | AWQ search wall time | AWQ process peak RSS |",
             "|---|---:|---:|---:|---:|---:|"]
     for bits, dtype in SETTINGS:
-        rtn, awq, run = res[f"rtn-w{bits}-{dtype}"], res[f"awq-w{bits}-{dtype}"], res[f"awq-run-w{bits}-{dtype}"]
+        rtn, awq, run = store.setting(args, windows, work, args.group_size, bits, dtype)
         rows.append(f"| W{bits} g{args.group_size} {dtype} | {rtn['ppl']:.3f} | {awq['ppl']:.3f} | "
                     f"{awq['ppl'] / rtn['ppl']:.3f}x | {run['search_s']:.0f} s | {run['peak_rss_mb'] / 1024:.2f} GiB |")
-    if args.peer:
-        peer = json.loads(Path(args.peer).read_text())
-        ours = res["awq-w4-int"]["ppl"], res["awq-run-w4-int"]["search_s"]
-        peer_text = (f"llm-compressor's AWQ (W4A16_ASYM, g128, same calibration and evaluation windows): perplexity "
-                     f"{peer['ppl']:.3f} (ours {ours[0]:.3f}), AWQ wall time {peer['awq_s']:.0f} s (ours {ours[1]:.0f} s).")
-    else:
-        peer_text = ("llm-compressor's AWQ: not measured here. Its installation into a separate virtualenv "
-                     "(`pip install llmcompressor -c constraints.txt`) did not finish within the time available on "
-                     "this machine; `bench/awq_llmcompressor.py` is written to run it on the same data and settings "
-                     "(its JSON goes to `--peer`) but has not been run yet.")
+    peer_text = _peer_text(args, windows, work)
     threads = os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    peer_flag = " --peer peer-awq.json" if args.peer else ""
     section = f"""{SECTION}
 
 Embedded SmolLM2-135M (FP32), perplexity on the first {args.n_windows} wiki_sample evaluation windows x 2048
-tokens (a CPU budget, not the full 289); FP: **{res['fp']['ppl']:.3f}**. AWQ calibration: {args.n_calib} windows x
+tokens (a CPU budget, not the full 289); FP: **{fp['ppl']:.3f}**. AWQ calibration: {args.n_calib} windows x
 {args.calib_seq_len} tokens from wiki_sample's calibration split (seed 0), {args.n_grid} grid points for the scale
 search and {args.n_grid // 2} clip candidates (llm-awq uses 128 x 512 and 20 / 10; reduced for the 2-core CPU),
 group 128 (hidden 576 = 4 x 128 + a group of 64; intermediate 1536 = 12 x 128). The embedded model was
@@ -134,7 +179,7 @@ Wall time is the search of one `python -m awq.entry` process on the CPU with {th
 maximum resident set (model, calibration activations, cache and checkpoint writing).
 
     OMP_NUM_THREADS={threads} python bench/awq.py --n_windows {args.n_windows} --n_calib {args.n_calib} \\
-        --calib_seq_len {args.calib_seq_len} --n_grid {args.n_grid} --write
+        --calib_seq_len {args.calib_seq_len} --n_grid {args.n_grid}{peer_flag} --write
 """
     print(section)
     if args.write:

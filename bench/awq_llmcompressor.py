@@ -1,59 +1,57 @@
-"""llm-compressor's AWQ on the same model, data and settings as bench/awq.py (W4 g128 asymmetric
-INT, the same calibration windows, perplexity on the same evaluation windows). Benchmark only:
-run it with a separate virtualenv that has llm-compressor (never a dependency of the project):
+"""llm-compressor's AWQ on the same model, data and settings as bench/awq.py's comparison row:
+asymmetric INT weights with an integer zero point, groups of `--group_size` (64 by default: the
+embedded model's hidden size 576 is not a multiple of 128, and compressed-tensors refuses group
+quantization of such layers), our calibration windows (wiki_sample calibration split, seed 0) and
+evaluation windows. The AWQ search is set as close to ours as llm-compressor allows: scales from
+the activation magnitude only (`duo_scaling=False`, as llm-awq and ours), `--n_grid` grid points.
+llm-compressor's AWQ has no clip search (ours and llm-awq search a clip per group after scaling).
+
+Benchmark only, in a separate virtualenv (llm-compressor is never a dependency of the project);
+it was installed with
 
     python -m venv --system-site-packages /work/venvs/llmcompressor
-    /work/venvs/llmcompressor/bin/pip install llmcompressor -c constraints.txt
-    OMP_NUM_THREADS=1 /work/venvs/llmcompressor/bin/python bench/awq_llmcompressor.py
+    /work/venvs/llmcompressor/bin/pip install --no-deps -c constraints.txt llmcompressor==0.14.0.1 \\
+        compressed-tensors==0.19.0 transformers==5.17.0 auto-round==0.15.1 nvidia-ml-py loguru
+    OMP_NUM_THREADS=1 /work/venvs/llmcompressor/bin/python bench/awq_llmcompressor.py --out peer-awq.json
 
-Prints one JSON line: perplexity, AWQ wall time, peak RSS.
+Prints (and writes to `--out`) one JSON record: perplexity, oneshot wall time, peak RSS, versions,
+and a check that the evaluated model computes with the fake-quantized weights.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
-import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _llmcompressor import int_scheme, run_oneshot  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from wkvaq_quant.data import get_calib_windows, get_eval_windows, resolve_text_source  # noqa: E402
-from wkvaq_quant.eval.ppl import evaluate_perplexity  # noqa: E402
-from wkvaq_quant.models import load_model, load_tokenizer, resolve_model  # noqa: E402
+from wkvaq_quant.results import atomic_write_json  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n_windows", type=int, default=8)
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group_size", type=int, default=64)
     p.add_argument("--n_calib", type=int, default=8)
     p.add_argument("--calib_seq_len", type=int, default=256)
+    p.add_argument("--n_grid", type=int, default=10)
+    p.add_argument("--out", default=None, help="write the JSON record here too")
     args = p.parse_args()
-    from datasets import Dataset
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.awq import AWQModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
 
-    source = resolve_model("smollm2-135m")
-    tok = load_tokenizer(source)
-    calib = get_calib_windows(resolve_text_source("wiki_sample", "calib"), tok, args.n_calib, args.calib_seq_len, 0,
-                              source.add_special_tokens)
-    windows = get_eval_windows(resolve_text_source("wiki_sample", "eval"), tok, 2048,
-                               source.add_special_tokens)[: args.n_windows]
-    model, _ = load_model(source)
-    ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
-    t0 = time.perf_counter()
-    oneshot(model=model, dataset=ds, recipe=[AWQModifier(ignore=["lm_head"], scheme="W4A16_ASYM", targets=["Linear"])],
-            max_seq_length=args.calib_seq_len, num_calibration_samples=args.n_calib)
-    awq_s = time.perf_counter() - t0
-    with torch.no_grad():
-        ppl = evaluate_perplexity(model, windows, progress=False).ppl
-    print(json.dumps({"ppl": ppl, "awq_s": awq_s,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    recipe = [AWQModifier(duo_scaling=False, n_grid=args.n_grid),
+              QuantizationModifier(config_groups={"group_0": int_scheme(args.bits, args.group_size)},
+                                   ignore=["lm_head"])]
+    rec = run_oneshot(recipe, args.n_calib, args.calib_seq_len, args.n_windows, args.bits)
+    rec.update(bits=args.bits, group_size=args.group_size, n_grid=args.n_grid, duo_scaling=False)
+    print(json.dumps(rec))
+    if args.out:
+        atomic_write_json(args.out, rec)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,10 @@ and per column.
 
 Inside a decoder block the Linears are quantized in true-sequential order (q/k/v, then o, then
 gate/up, then down): the inputs of a later group are recorded after the earlier ones are
-quantized. The next block sees the quantized block's outputs, or the full-precision block's
-(`next_inputs`).
+quantized. Each group's pass over the calibration batches stops a batch's forward as soon as every
+Linear of the group has seen its input (the rest of the block cannot change it), and Linears fed
+the very same input tensor (q/k/v, gate/up) share one Hessian accumulation. The next block sees
+the quantized block's outputs, or the full-precision block's (`next_inputs`).
 """
 
 from __future__ import annotations
@@ -34,10 +36,10 @@ from torch import Tensor, nn
 from wkvaq_quant.config import QuantArgs, QuantPlan
 from wkvaq_quant.formats import QParams, get_format
 from wkvaq_quant.modeling.attach import block_linears
-from wkvaq_quant.weights.blocks import NEXT_INPUTS, BlockInputs, capture_block_inputs, for_each_block, forward_block
+from wkvaq_quant.weights.blocks import NEXT_INPUTS, BlockInputs, capture_block_inputs, for_each_block
 
 __all__ = ["SEQUENTIAL", "GptqConfig", "GptqResult", "HessianAccumulator", "gptq_block", "gptq_quantize",
-           "gptq_weight"]
+           "gptq_weight", "group_hessians"]
 
 SEQUENTIAL = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 """True-sequential order of the Linears inside a decoder block (short names)."""
@@ -182,6 +184,10 @@ def gptq_weight(weight: Tensor, H: Tensor, args: QuantArgs, cfg: GptqConfig = Gp
     return GptqResult(weight=Q.to(weight.dtype), loss=float(loss), qparams=qparams)
 
 
+class _GroupDone(Exception):
+    """Raised by the last pre-hook of a group to end the block's forward early."""
+
+
 class HessianAccumulator:
     """H = 2/n * sum of x^T x over the n input rows a Linear sees (a forward pre-hook)."""
 
@@ -204,6 +210,47 @@ class HessianAccumulator:
         return self.sum * (2.0 / self.n)
 
 
+@torch.no_grad()
+def group_hessians(block: nn.Module, modules: list[nn.Module], inputs: BlockInputs,
+                   device: torch.device | str) -> list[Tensor]:
+    """The Hessian of each of `modules` (Linears of `block`) over every batch of `inputs`: one pass
+    in which each batch's forward ends once all of them have seen their input, and modules given
+    the very same input tensor (q/k/v after the norm) share one accumulation. Equal to hooking
+    each module through a full forward of the block."""
+    owner: dict[int, int] = {}  # module index -> index of the module whose accumulator it shares
+    accs: dict[int, HessianAccumulator] = {}
+    seen: list[tuple[int, Tensor]] = []  # this batch: (module index, its input)
+
+    def hook(i: int):
+        def pre_hook(_mod: nn.Module, args: tuple) -> None:
+            x = args[0]
+            first = next((j for j, t in seen if t is x), i)
+            if owner.setdefault(i, first) != first:
+                raise RuntimeError("GPTQ: the Linears of a group shared inputs differently across batches")
+            if first == i:
+                accs.setdefault(i, HessianAccumulator(modules[i].in_features, device)).add(x)
+            seen.append((i, x))
+            if len(seen) == len(modules):
+                raise _GroupDone
+        return pre_hook
+
+    handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(modules)]
+    try:
+        for h, kw in inputs.batches(device):
+            seen.clear()
+            try:
+                block(h, **kw)
+            except _GroupDone:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    seen.clear()
+    if len(owner) < len(modules):
+        raise RuntimeError("GPTQ: the Linear saw no inputs during calibration")
+    return [accs[owner[i]].H for i in range(len(modules))]
+
+
 def _sequential_groups(linears: list[tuple[str, nn.Linear]]) -> list[list[tuple[str, nn.Linear]]]:
     """The block's Linears in true-sequential order; Linears SEQUENTIAL does not name come last."""
     named = {n for g in SEQUENTIAL for n in g}
@@ -223,18 +270,12 @@ def gptq_block(block: nn.Module, index: int, linears: list[tuple[str, nn.Linear]
         todo = [(s, m, a) for s, m, a in todo if a.enabled]
         if not todo:
             continue
-        accs = [HessianAccumulator(m.in_features, device) for _, m, _ in todo]
-        handles = [m.register_forward_pre_hook(acc.hook) for (_, m, _), acc in zip(todo, accs)]
-        try:
-            forward_block(block, inputs, device)
-        finally:
-            for h in handles:
-                h.remove()
-        for (short, m, args), acc in zip(todo, accs):
-            res = gptq_weight(m.weight, acc.H, args, cfg)
+        hessians = group_hessians(block, [m for _, m, _ in todo], inputs, device)
+        for (short, m, args), H in zip(todo, hessians):
+            res = gptq_weight(m.weight, H, args, cfg)
             m.weight.copy_(res.weight)
             losses[short] = res.loss
-        del accs
+        del hessians
     return losses
 
 
