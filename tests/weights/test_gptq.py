@@ -197,9 +197,9 @@ def test_true_sequential_hessians(base, ids, monkeypatch):
     seen = {}
     real = gptq_mod.gptq_weight
 
-    def spy(weight, H, args, cfg=GptqConfig()):
+    def spy(weight, H, args, cfg=GptqConfig(), overwrite_H=False):
         seen.setdefault(id(weight), H.clone())
-        return real(weight, H, args, cfg)
+        return real(weight, H, args, cfg, overwrite_H)
 
     monkeypatch.setattr(gptq_mod, "gptq_weight", spy)
     gptq_quantize(model, _plan(), ids, batch_size=2, progress=False)
@@ -252,3 +252,17 @@ def test_next_inputs_fp_and_quantized(base, ids):
         runs[key] = decoder_blocks(m)[1].mlp.down_proj.weight
     assert torch.equal(runs["fp"], runs["skip0"])
     assert not torch.equal(runs["fp"], runs["q"])
+
+
+def test_overwriting_the_hessian_gives_the_same_weights():
+    """overwrite_H (GPTQ working in the Hessian's own memory) changes nothing but the caller's H."""
+    g = torch.Generator().manual_seed(3)
+    W, X = torch.randn(24, 40, generator=g), torch.randn(200, 40, generator=g)
+    H = 2 * X.T @ X / 200
+    args = QuantArgs(bits=3, group_size=8, target="weight")
+    for cfg in (GptqConfig(), GptqConfig(act_order=True, static_groups=True)):
+        ref = gptq_weight(W, H, args, cfg)
+        H_copy = H.clone()
+        got = gptq_weight(W, H_copy, args, cfg, overwrite_H=True)
+        assert torch.equal(got.weight, ref.weight) and got.loss == ref.loss
+        assert torch.equal(H_copy, H) == cfg.act_order  # its memory was used (act_order works on a permuted copy)

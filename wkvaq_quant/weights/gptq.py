@@ -108,23 +108,26 @@ class _Quantizer:
         return out.view(-1)
 
 
-def _hinv(H: Tensor, percdamp: float) -> Tensor:
-    """Upper Cholesky factor of (H + damp I)^-1."""
-    H = H.clone()
+def _hinv_(H: Tensor, percdamp: float) -> Tensor:
+    """Upper Cholesky factor of (H + damp I)^-1, computed in H's own memory (H is overwritten and
+    returned): no [in, in] temporaries, which at in = 8192-14336 are 0.25-0.8 GiB each."""
     damp = percdamp * torch.mean(torch.diag(H))
     H.diagonal().add_(damp)
     try:
-        L = torch.linalg.cholesky(H)
-        Hinv = torch.cholesky_inverse(L)
-        return torch.linalg.cholesky(Hinv, upper=True)
+        torch.linalg.cholesky(H, out=H)
+        torch.cholesky_inverse(H, out=H)
+        return torch.linalg.cholesky(H, upper=True, out=H)
     except torch.linalg.LinAlgError:
         raise ValueError(f"GPTQ: the Hessian is not positive definite with --percdamp {percdamp}; "
                          f"allowed: a larger --percdamp (e.g. 0.1), or more calibration data") from None
 
 
 @torch.no_grad()
-def gptq_weight(weight: Tensor, H: Tensor, args: QuantArgs, cfg: GptqConfig = GptqConfig()) -> GptqResult:
-    """GPTQ of one weight [out, in] with the Hessian H [in, in] of its inputs (see module doc)."""
+def gptq_weight(weight: Tensor, H: Tensor, args: QuantArgs, cfg: GptqConfig = GptqConfig(),
+                overwrite_H: bool = False) -> GptqResult:
+    """GPTQ of one weight [out, in] with the Hessian H [in, in] of its inputs (see module doc).
+    With `overwrite_H` (a float32 H on the weight's device that nothing else needs) H's memory is
+    used for the work instead of a copy."""
     if not args.enabled:
         return GptqResult(weight=weight, loss=0.0)
     rows, cols = weight.shape
@@ -133,7 +136,7 @@ def gptq_weight(weight: Tensor, H: Tensor, args: QuantArgs, cfg: GptqConfig = Gp
     quant = _Quantizer(args)
     gs = args.group_size if args.granularity == "per_group" else -1
     W = weight.detach().to(torch.float32).clone()
-    H = H.detach().to(device=W.device, dtype=torch.float32).clone()
+    H = H.detach().to(device=W.device, dtype=torch.float32, copy=not overwrite_H)
     qparams: list[QParams] = [] if gs != -1 else [quant.params(W)]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
@@ -145,8 +148,9 @@ def gptq_weight(weight: Tensor, H: Tensor, args: QuantArgs, cfg: GptqConfig = Gp
     perm = torch.arange(cols, device=W.device)
     if cfg.act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
-    Hinv = _hinv(H, cfg.percdamp)
+        W, H = W[:, perm], H[perm]
+        H = H[:, perm]  # two steps: never three [in, in] copies at once
+    Hinv = _hinv_(H, cfg.percdamp)  # H (our copy) becomes Hinv
     Q = torch.zeros_like(W)
     loss = torch.zeros((), dtype=torch.float64, device=W.device)
     qp = qparams[0] if qparams else None
@@ -194,8 +198,11 @@ class HessianAccumulator:
     def __init__(self, in_features: int, device: torch.device | str) -> None:
         self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.n = 0
+        self._scaled = False
 
     def add(self, x: Tensor) -> None:
+        if self._scaled:
+            raise RuntimeError("HessianAccumulator: inputs added after H was read")
         x = x.reshape(-1, x.shape[-1]).to(device=self.sum.device, dtype=torch.float32)  # [..., in] -> [n, in]
         self.sum.addmm_(x.T, x)
         self.n += x.shape[0]
@@ -205,9 +212,13 @@ class HessianAccumulator:
 
     @property
     def H(self) -> Tensor:
+        """The Hessian, scaled in place the first time (the sum is not kept: no second copy)."""
         if self.n == 0:
             raise RuntimeError("GPTQ: the Linear saw no inputs during calibration")
-        return self.sum * (2.0 / self.n)
+        if not self._scaled:
+            self.sum.mul_(2.0 / self.n)
+            self._scaled = True
+        return self.sum
 
 
 @torch.no_grad()
@@ -271,8 +282,11 @@ def gptq_block(block: nn.Module, index: int, linears: list[tuple[str, nn.Linear]
         if not todo:
             continue
         hessians = group_hessians(block, [m for _, m, _ in todo], inputs, device)
-        for (short, m, args), H in zip(todo, hessians):
-            res = gptq_weight(m.weight, H, args, cfg)
+        for j, ((short, m, args), H) in enumerate(zip(todo, hessians)):
+            last_user = not any(h is H for h in hessians[j + 1:])  # q/k/v share one H
+            hessians[j] = None
+            res = gptq_weight(m.weight, H, args, cfg, overwrite_H=last_user)
+            del H
             m.weight.copy_(res.weight)
             losses[short] = res.loss
         del hessians
