@@ -183,6 +183,11 @@ its calibration activations and the Hessians of its Linears).
 The import floor: a process that only imports torch, transformers' Llama and this package peaks at
 {base / 1024:.2f} GiB; no run can go below it, so at 1 B parameters it alone is
 {base / rows_whole(work, sizes):.0%} of the whole-model run. The last column compares what each run needs above it.
+GPTQ's floor is higher: one block, and per Linear its Hessian (8192 x 8192 float32 = 0.25 GiB for
+down_proj at 1 B) plus the column loop's working copies, which the whole-model run needs too.
+`from_pretrained` memory-maps the shards, so the whole-model peak counts the pages resident at the
+time. Times come from a shared 2-core machine (other work ran beside some rows); the memory
+columns do not depend on it.
 
     OMP_NUM_THREADS=1 python bench/layerwise.py --sizes {args.sizes} --gptq {args.gptq or '""'} \\
         --n_calib {args.n_calib} --calib_seq_len {args.calib_seq_len} --write
