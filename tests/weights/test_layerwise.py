@@ -251,3 +251,20 @@ def test_offloaded_activations_give_the_same_bytes(tied, tmp_path, ids, monkeypa
     assert files == sorted(p.name for p in (tmp_path / "disk").iterdir())
     for name in files:
         assert (tmp_path / "mem" / name).read_bytes() == (tmp_path / "disk" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("plan", [PLAN, QuantPlan.from_flags(w_bits=3, w_group_size=16, w_dtype="bitmod")],
+                         ids=["int4", "bitmod3"])
+def test_rtn_layer_wise_bfloat16_chunks_equal_in_memory(src, tmp_path, monkeypatch, plan):
+    """In the checkpoint's own 16-bit dtype too (the usual large-model case), chunked streaming
+    equals quantizing the loaded model."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(sio, "CHUNK_BYTES", 300)
+    quantize_layer_wise(src, tmp_path / "out", plan, WeightAlgo("rtn"), dtype=torch.bfloat16, progress=False,
+                        log=lambda s: None)
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    rtn_quantize(ref, plan)
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)
+    assert next(got.parameters()).dtype == torch.bfloat16
+    _assert_same_weights(got, ref)
