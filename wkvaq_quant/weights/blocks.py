@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from wkvaq_quant.modeling.attach import decoder_blocks
 
 __all__ = ["NEXT_INPUTS", "BlockInputs", "advance_block", "block_output", "capture_block_inputs", "for_each_block",
-           "forward_block", "move_tensors", "run_block"]
+           "forward_block", "move_tensors", "outside_modules", "run_block"]
 
 NEXT_INPUTS = ("quantized", "fp")
 """What block i+1 sees: the outputs of block i after `process` changed it ("quantized", errors
@@ -78,16 +78,22 @@ class BlockInputs:
     def with_hidden(self, hidden: Iterable[Tensor]) -> BlockInputs:
         """The same batches with new hidden states (consumed one at a time: offloaded ones go to
         disk as they come)."""
-        if self.offload_dir is None:
-            return BlockInputs([h.to(self.store_device) for h in hidden], self.kwargs, self.store_device)
-        gen = _Generation(self.offload_dir)
-        return BlockInputs([gen.put(h) for h in hidden], self.kwargs, self.store_device, self.offload_dir)
+        put = _sink(self.store_device, self.offload_dir)
+        return BlockInputs([put(h) for h in hidden], self.kwargs, self.store_device, self.offload_dir)
 
     def discard(self) -> None:
         """Remove this generation's offloaded files (nothing to do in memory)."""
         dirs = {h.parent for h in self.hidden if isinstance(h, Path)}
         for d in dirs:
             shutil.rmtree(d, ignore_errors=True)
+
+
+def _sink(store: torch.device, offload_dir: Path | None) -> Callable[[Tensor], Tensor | Path]:
+    """Where a new set of hidden states goes, batch by batch: `store` (in memory), or a new
+    generation of files under `offload_dir`."""
+    if offload_dir is None:
+        return lambda h: h.detach().to(store)
+    return _Generation(offload_dir).put
 
 
 class _Generation:
@@ -110,7 +116,7 @@ def block_output(out: Any) -> Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _non_block_modules(model: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:
+def outside_modules(model: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:
     """Leaf-most modules holding parameters or buffers outside the decoder blocks (embeddings,
     rotary embedding, final norm, head), unless they are on the meta device."""
     in_blocks = {id(m) for b in blocks for m in b.modules()}
@@ -142,11 +148,11 @@ def capture_block_inputs(model: nn.Module, input_ids: Tensor, device: torch.devi
     device = torch.device(device)
     store = torch.device(store_device) if store_device is not None else device
     blocks = decoder_blocks(model)
-    outside = _non_block_modules(model, blocks)
+    outside = outside_modules(model, blocks)
     homes = [next(iter(list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))).device for m in outside]
     hidden: list[Tensor | Path] = []
     kwargs: list[dict[str, Any]] = []
-    put = _Generation(offload_dir).put if offload_dir is not None else (lambda h: h.detach().to(store))
+    put = _sink(store, offload_dir)
 
     def hook(_mod: nn.Module, args: tuple, kw: dict) -> None:
         kw = dict(kw)

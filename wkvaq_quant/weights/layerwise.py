@@ -37,23 +37,21 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from wkvaq_quant.config import QuantPlan
+from wkvaq_quant.config import QuantArgs, QuantPlan
 from wkvaq_quant.modeling.attach import block_linears, decoder_blocks
 from wkvaq_quant.results import atomic_write_json
-from wkvaq_quant.weights.algo import WeightAlgo
+from wkvaq_quant.weights.algo import WEIGHT_ALGOS, WeightAlgo
 from wkvaq_quant.quantize import quantize
-from wkvaq_quant.weights.blocks import BlockInputs, advance_block, capture_block_inputs
+from wkvaq_quant.weights.blocks import BlockInputs, advance_block, capture_block_inputs, outside_modules
 from wkvaq_quant.weights.gptq import gptq_block
 from wkvaq_quant.weights.rtn import rtn_quantize
 from wkvaq_quant.weights.safetensors_io import ShardWriter, TensorEntry, read_entries, read_rows, read_tensor, row_chunks
 
-__all__ = ["ACTIVATIONS_DIR", "INDEX_FILE", "LAYERWISE_ALGOS", "STATE_FILE", "SafetensorsCheckpoint",
-           "quantize_layer_wise"]
+__all__ = ["ACTIVATIONS_DIR", "INDEX_FILE", "STATE_FILE", "SafetensorsCheckpoint", "quantize_layer_wise"]
 
 STATE_FILE = "wkvaq_layerwise.json"
 ACTIVATIONS_DIR = ".activations"
 INDEX_FILE = "model.safetensors.index.json"
-LAYERWISE_ALGOS = ("rtn", "gptq", "awq")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".gguf")
 
 
@@ -157,10 +155,8 @@ def _block_prefixes(sk: _Skeleton) -> tuple[str, ...]:
 
 def _release_outside(sk: _Skeleton) -> None:
     """Back to meta: everything outside the decoder blocks (once the block inputs are captured)."""
-    in_blocks = {id(m) for b in sk.blocks for m in b.modules()}
-    for m in sk.model.modules():
-        if id(m) not in in_blocks and any(True for _ in m.parameters(recurse=False)):
-            m.to_empty(device="meta", recurse=False)
+    for m in outside_modules(sk.model, sk.blocks):
+        m.to_empty(device="meta", recurse=False)
 
 
 def _load_block(sk: _Skeleton, i: int, ckpt: SafetensorsCheckpoint, dtype: torch.dtype) -> None:
@@ -209,12 +205,21 @@ def _copy_specs(ckpt: SafetensorsCheckpoint, names: list[str], dtype: torch.dtyp
     return specs
 
 
+def _streamed(ckpt: SafetensorsCheckpoint, name: str, dtype: torch.dtype, args: QuantArgs | None = None,
+              device: str = "cpu") -> Pieces:
+    """Checkpoint tensor `name` in row chunks, floating point converted to `dtype`; with `args`,
+    fake-quantized on `device` (row by row, so chunking is exact; per_tensor weights in one piece)."""
+    e = ckpt.entry(name)
+    chunks = [(0, e.rows)] if args is not None and args.granularity == "per_tensor" else row_chunks(e)
+    for start, stop in chunks:
+        t = _to_dtype(read_rows(e, start, stop), dtype)
+        yield name, t if args is None else quantize(t.to(device), args).x_hat.to(dtype)
+
+
 def _copied(ckpt: SafetensorsCheckpoint, names: list[str], dtype: torch.dtype) -> Pieces:
     """Checkpoint tensors in row chunks, floating-point ones converted to `dtype`."""
     for n in names:
-        e = ckpt.entry(n)
-        for start, stop in row_chunks(e):
-            yield n, _to_dtype(read_rows(e, start, stop), dtype)
+        yield from _streamed(ckpt, n, dtype)
 
 
 def _rtn_block(sk: _Skeleton, i: int, ckpt: SafetensorsCheckpoint, plan: QuantPlan, dtype: torch.dtype,
@@ -230,14 +235,7 @@ def _rtn_block(sk: _Skeleton, i: int, ckpt: SafetensorsCheckpoint, plan: QuantPl
     def pieces() -> Pieces:
         for n in names:
             args = w_args.get(n)
-            if args is None or not args.enabled:
-                yield from _copied(ckpt, [n], dtype)
-                continue
-            e = ckpt.entry(n)
-            chunks = [(0, e.rows)] if args.granularity == "per_tensor" else row_chunks(e)
-            for start, stop in chunks:
-                w = read_rows(e, start, stop).to(device=device, dtype=dtype)
-                yield n, quantize(w, args).x_hat.to(dtype)
+            yield from _streamed(ckpt, n, dtype, args if args is not None and args.enabled else None, device)
 
     return _copy_specs(ckpt, names, dtype, shapes), pieces()
 
@@ -276,13 +274,11 @@ def quantize_layer_wise(src: str | Path, out: str | Path, plan: QuantPlan, algo:
     """Quantize the checkpoint in `src` block by block into `out` (see the module docstring);
     returns the run state ({"settings", "done", "shards", "complete"}). With `offload_activations`
     the calibration activations live in files under `out/ACTIVATIONS_DIR` (removed at the end)."""
-    if algo.name not in LAYERWISE_ALGOS:
-        raise ValueError(f"--weight_algo {algo.name} with --layer_wise: allowed: {', '.join(LAYERWISE_ALGOS)}")
     if algo.needs_calib and calib is None:
         raise ValueError(f"--weight_algo {algo.name} needs calibration windows")
     if offload_activations and not algo.needs_calib:
         raise ValueError(f"--offload_activations: --weight_algo {algo.name} uses no calibration activations; "
-                         f"allowed with: {', '.join(a for a in LAYERWISE_ALGOS if a != 'rtn')}")
+                         f"allowed with: {', '.join(a for a in WEIGHT_ALGOS if WeightAlgo(a).needs_calib)}")
     ckpt = SafetensorsCheckpoint(src)
     out = Path(out)
     settings = {"model": model_id or str(Path(src).resolve()), "dtype": str(dtype).removeprefix("torch."),
