@@ -10,9 +10,9 @@ transformers 5 (a tuple in older versions; its first element is taken).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 

@@ -27,7 +27,6 @@ run. Other settings in the same directory are refused.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
