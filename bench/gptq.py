@@ -37,6 +37,11 @@ default chooses them from the updated columns), and "static" (= "weight": act or
 its own group) by our `--act_order --static_groups`."""
 
 
+def _main_py_done(work: Path, *flags: str) -> bool:
+    """Whether main.py's run with `flags` already has a record in `work` (see _main_py)."""
+    return any((work / "results" / "-".join(f.lstrip("-") for f in flags)).glob("*.json"))
+
+
 def _commit(record: dict) -> str:
     """The git commit main.py ran at (the code a time was measured with)."""
     return record.get("versions", {}).get("git_commit") or "?"
@@ -50,6 +55,7 @@ def _peer_text(args, work: Path, calib: list[str]) -> str:
     rows = ["| setting | RTN ppl | GPTQ ppl ours | GPTQ ppl llm-compressor | GPTQ time ours | GPTQ time "
             "llm-compressor | time ours / theirs | peak RSS ours | peak RSS llm-compressor | commit |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    ours_modes = [(), ("--gptq_single_pass",)] if args.single_pass else [()]
     peers = [json.loads(Path(f).read_text()) for f in args.peer]
     for peer in peers:
         for key, ours in (("n_calib", args.n_calib), ("calib_seq_len", args.calib_seq_len),
@@ -59,7 +65,10 @@ def _peer_text(args, work: Path, calib: list[str]) -> str:
         bits, g, order = peer["bits"], peer["group_size"], peer["actorder"]
         w = ["--w_bits", str(bits), "--w_group_size", str(g)]
         rtn = _main_py(args, work, *w)["results"]["wiki_sample"]["ppl"]
-        for flags in PEER_FLAGS[order]:
+        for flags in (f + mode for f in PEER_FLAGS[order] for mode in ours_modes):
+            if args.single_pass and "--gptq_single_pass" not in flags and not _main_py_done(work, *w, "--weight_algo",
+                                                                                         "gptq", *calib, *flags):
+                continue  # the one-pass-per-group run is shown where it was measured
             ours = _main_py(args, work, *w, "--weight_algo", "gptq", *calib, *flags)
             name = f"W{bits} g{g} int: actorder {order} / ours {' '.join(f'`{f}`' for f in flags) or 'default'}"
             rows.append(f"| {name} | {rtn:.3f} | {ours['results']['wiki_sample']['ppl']:.3f} | {peer['ppl']:.3f} | "
@@ -104,6 +113,9 @@ def main() -> None:
     p.add_argument("--peer", nargs="+", default=None,
                    help="JSON records written by bench/gptq_llmcompressor.py --out (llm-compressor's GPTQ); our "
                         "GPTQ runs at the same bits, group size and ordering for the side-by-side table")
+    p.add_argument("--single_pass", action="store_true",
+                   help="side-by-side rows also with --gptq_single_pass (one paused forward per block); the "
+                        "one-pass-per-group rows are kept where --work has them")
     p.add_argument("--write", action="store_true", help="update the section in bench/RESULTS.md")
     args = p.parse_args()
     work = Path(args.work)

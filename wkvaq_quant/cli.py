@@ -56,6 +56,10 @@ def add_weight_algo_args(parser: argparse.ArgumentParser) -> None:
                         "its own group's)")
     g.add_argument("--gptq_next_inputs", default="quantized", choices=NEXT_INPUTS,
                    help="what the next block sees: the quantized block's outputs or the full-precision block's")
+    g.add_argument("--gptq_single_pass", action="store_true",
+                   help="GPTQ: one forward of each block, paused at each true-sequential group while it is "
+                        "quantized, instead of one forward per group (the same weights in about half the time; "
+                        "holds every calibration batch's activations inside the block in memory)")
     g.add_argument("--n_grid", type=_positive_int("--n_grid"), default=AwqSearchConfig.n_grid,
                    help="AWQ: grid points of the scale and clip searches")
     g.add_argument("--layer_wise", action="store_true",
@@ -70,7 +74,8 @@ def add_weight_algo_args(parser: argparse.ArgumentParser) -> None:
 def weight_algo_from_args(args: argparse.Namespace, name: str) -> WeightAlgo:
     """The WeightAlgo `name` with the settings of parsed add_weight_algo_args / add_calib_args flags."""
     return WeightAlgo(name=name, awq=AwqSearchConfig(n_grid=args.n_grid), gptq=GptqConfig(percdamp=args.percdamp, act_order=args.act_order,
-                                                 static_groups=args.static_groups, next_inputs=args.gptq_next_inputs),
+                                                 static_groups=args.static_groups, next_inputs=args.gptq_next_inputs,
+                                                 single_pass=args.gptq_single_pass),
                       calib=CalibConfig(dataset=args.calib_dataset, n_samples=args.n_calib, seq_len=args.calib_seq_len,
                                         seed=args.seed))
 

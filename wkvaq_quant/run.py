@@ -95,6 +95,9 @@ class RunConfig:
         if self.offload_activations and not (self.layer_wise and self.weight_algo.needs_calib):
             raise ValueError("--offload_activations keeps the calibration activations of a --layer_wise run on disk; "
                              "allowed with: --layer_wise --weight_algo gptq (or awq)")
+        if self.offload_activations and self.weight_algo.name == "gptq" and self.weight_algo.gptq.single_pass:
+            raise ValueError("--offload_activations with --gptq_single_pass: the single pass keeps every batch's "
+                             "activations in memory; allowed: one of the two")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"--attn_implementation {self.attn_implementation!r}: allowed values are "
                              f"{', '.join(ATTN_IMPLEMENTATIONS)}")
@@ -110,7 +113,7 @@ class RunConfig:
             numeric["awq_model_path_lp"] = str(Path(self.awq_model_path_lp).resolve())
             parts.insert(0, "lp-" + Path(self.awq_model_path_lp).resolve().name)
         if self.weight_algo.name != "rtn":  # RTN runs keep their earlier slug
-            numeric["weight_algo"] = self.weight_algo.to_dict()
+            numeric["weight_algo"] = self.weight_algo.to_dict(result_only=True)
             parts.insert(0, self.weight_algo.slug())
         if self.n_windows is not None:
             parts.append(f"nw{self.n_windows}")

@@ -111,12 +111,15 @@ class WeightAlgo:
         """What the block after a calibrated one sees (blocks.NEXT_INPUTS)."""
         return self.gptq.next_inputs if self.name == "gptq" else _NEXT_INPUTS.get(self.name, "quantized")
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, result_only: bool = False) -> dict[str, Any]:
+        """Every setting; with `result_only` those that decide the weights (no execution-only
+        fields such as GPTQ's single_pass): what result names and layer-wise resumption key on."""
         if self.name == "rtn":
             return {"name": "rtn"}
         if self.name == "awq":
             return {"name": "awq", "awq": dataclasses.asdict(self.awq), "calib": dataclasses.asdict(self.calib)}
-        return {"name": self.name, "gptq": self.gptq.to_dict(), "calib": dataclasses.asdict(self.calib)}
+        gptq = self.gptq.result_dict() if result_only else self.gptq.to_dict()
+        return {"name": self.name, "gptq": gptq, "calib": dataclasses.asdict(self.calib)}
 
     def slug(self) -> str:
         """e.g. `gptq-ao-sg-fpin-n32x512`, `awq-g20-n128x512` (RTN: empty, so earlier result names stay)."""

@@ -10,8 +10,11 @@ transformers 5 (a tuple in older versions; its first element is taken).
 
 from __future__ import annotations
 
+import contextvars
+import queue
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -22,8 +25,8 @@ from tqdm.auto import tqdm
 
 from wkvaq_quant.modeling.attach import decoder_blocks
 
-__all__ = ["NEXT_INPUTS", "BlockInputs", "advance_block", "block_output", "capture_block_inputs", "for_each_block",
-           "forward_block", "move_tensors", "outside_modules", "run_block"]
+__all__ = ["NEXT_INPUTS", "BlockInputs", "PausedForwards", "advance_block", "block_output", "capture_block_inputs",
+           "for_each_block", "forward_block", "move_tensors", "outside_modules", "run_block"]
 
 NEXT_INPUTS = ("quantized", "fp")
 """What block i+1 sees: the outputs of block i after `process` changed it ("quantized", errors
@@ -197,14 +200,15 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def for_each_block(model: nn.Module, inputs: BlockInputs, process: Callable[[int, nn.Module, BlockInputs], None],
+def for_each_block(model: nn.Module, inputs: BlockInputs,
+                   process: Callable[[int, nn.Module, BlockInputs], BlockInputs | None],
                    device: torch.device | str = "cpu", next_inputs: str = "quantized", progress: bool = True,
                    desc: str = "blocks") -> BlockInputs:
     """Call `process(i, block, inputs_of_block_i)` for every decoder block in order, with that block
     (alone) moved to `device`; returns the inputs the block after the last would see.
 
-    `process` may change the block in place (quantize, scale, clip). `next_inputs` picks what the
-    following block sees (see NEXT_INPUTS).
+    `process` may change the block in place (quantize, scale, clip) and may return the block's
+    outputs (see advance_block). `next_inputs` picks what the following block sees (see NEXT_INPUTS).
     """
     if next_inputs not in NEXT_INPUTS:
         raise ValueError(f"next_inputs={next_inputs!r}: allowed: {', '.join(NEXT_INPUTS)}")
@@ -217,12 +221,153 @@ def for_each_block(model: nn.Module, inputs: BlockInputs, process: Callable[[int
 
 
 def advance_block(block: nn.Module, index: int, inputs: BlockInputs,
-                  process: Callable[[int, nn.Module, BlockInputs], None], device: torch.device | str,
+                  process: Callable[[int, nn.Module, BlockInputs], BlockInputs | None], device: torch.device | str,
                   next_inputs: str) -> BlockInputs:
     """`process(index, block, inputs)`, then the inputs of the next block: the outputs of the block
-    as `process` left it ("quantized") or as it was before ("fp"). The old inputs are discarded."""
+    as `process` left it ("quantized") or as it was before ("fp"). The old inputs are discarded.
+
+    `process` may return the block's outputs on `inputs` as it leaves the block (GPTQ's single
+    pass computes them on the way); they are used instead of running the block once more."""
     fp_out = run_block(block, inputs, device) if next_inputs == "fp" else None
-    process(index, block, inputs)
-    out = fp_out if fp_out is not None else run_block(block, inputs, device)
+    produced = process(index, block, inputs)
+    if fp_out is not None:
+        out = fp_out
+        if produced is not None:
+            produced.discard()
+    else:
+        out = produced if produced is not None else run_block(block, inputs, device)
     inputs.discard()
     return out
+
+
+class _Abort(BaseException):
+    """Raised inside a paused forward to unwind it when PausedForwards closes early."""
+
+
+_FINISH = object()  # command: run the forward to its end
+
+
+class PausedForwards:
+    """The forward of `block` over every batch of `inputs`, each in a thread of its own that stops
+    at the input of a chosen module until told to go on: work can be done between two stages of
+    the block while every batch waits at the same point (GPTQ's single pass: quantize q/k/v once
+    every batch has computed their input, then let the batches go on to o_proj's input with the
+    quantized q/k/v, ...). The batches keep their intermediate activations while they wait.
+
+    Exactly one thread computes at any time (the caller waits while a batch runs, a batch waits
+    while paused) and batches run in order, so every tensor equals the one a plain forward of
+    the batch computes. Use as a context manager: leaving it early unwinds the waiting forwards.
+    """
+
+    def __init__(self, block: nn.Module, inputs: BlockInputs, device: torch.device | str) -> None:
+        if inputs.offload_dir is not None:
+            raise ValueError("PausedForwards holds every batch's activations in memory; the inputs are offloaded "
+                             "to disk (--offload_activations)")
+        self.block, self.device = block, device
+        self._batches = inputs.batches(device)
+        self._n = len(inputs.hidden)
+        self._local = threading.local()
+        self._reports: queue.Queue = queue.Queue()
+        self._commands: list[queue.Queue] = []
+        self._threads: list[threading.Thread] = []
+        self._live: set[int] = set()
+        self._hooked: dict[int, Any] = {}
+
+    @property
+    def batch(self) -> int | None:
+        """The batch whose forward runs in the calling thread (None outside the forwards)."""
+        return getattr(self._local, "batch", None)
+
+    def run_to(self, module: nn.Module) -> list[Tensor]:
+        """Let every batch run on until `module` is called; returns each batch's input to it
+        (positional argument 0), in batch order."""
+        if id(module) not in self._hooked:
+            self._hooked[id(module)] = module.register_forward_pre_hook(self._pre_hook)
+        xs = []
+        for b in range(self._n):
+            kind, value = self._resume(b, module)
+            if kind != "paused":
+                raise RuntimeError(f"the forward of calibration batch {b} ended without calling "
+                                   f"{type(module).__name__} (a module the block never calls for it)")
+            xs.append(value)
+        return xs
+
+    def finish(self) -> list[Tensor]:
+        """Run every batch's forward to its end; returns the block's outputs in batch order."""
+        outs = []
+        for b in range(self._n):
+            kind, value = self._resume(b, _FINISH)
+            outs.append(value)
+        self.close()
+        return outs
+
+    def close(self) -> None:
+        """Unwind the forwards still waiting, join every thread, remove the hooks."""
+        for b in self._live:
+            self._commands[b].put(None)
+        while self._live:  # a forward still running reports once more (paused) before it unwinds
+            kind, b, _ = self._reports.get()
+            if kind != "paused":
+                self._live.discard(b)
+        for t in self._threads:
+            t.join()
+        for h in self._hooked.values():
+            h.remove()
+        self._hooked.clear()
+
+    def __enter__(self) -> PausedForwards:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _resume(self, b: int, target: Any) -> tuple[str, Any]:
+        if b == len(self._threads):  # start batch b's forward
+            h, kw = next(self._batches)
+            self._commands.append(queue.Queue())
+            ctx = contextvars.copy_context()
+            t = threading.Thread(target=ctx.run, args=(self._work, b, h, kw), daemon=True,
+                                 name=f"wkvaq-forward-{b}")
+            self._threads.append(t)
+            self._live.add(b)
+            t.start()
+        elif b not in self._live:
+            raise RuntimeError(f"calibration batch {b}'s forward has already ended")
+        self._commands[b].put(target)
+        return self._await(b)
+
+    def _await(self, b: int) -> tuple[str, Any]:
+        kind, got, value = self._reports.get()
+        if got != b:  # cannot happen: only batch b runs
+            raise RuntimeError(f"PausedForwards: batch {got} reported while batch {b} ran")
+        if kind != "paused":
+            self._live.discard(b)
+        if kind == "error":
+            self.close()
+            raise value
+        return kind, value
+
+    def _command(self, b: int) -> Any:
+        target = self._commands[b].get()
+        if target is None:
+            raise _Abort
+        self._local.target = target
+        return target
+
+    def _work(self, b: int, h: Tensor, kw: dict[str, Any]) -> None:
+        self._local.batch = b
+        try:
+            self._command(b)
+            with torch.no_grad():
+                out = block_output(self.block(h, **kw))
+            self._reports.put(("done", b, out.detach()))
+        except _Abort:
+            self._reports.put(("aborted", b, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread and raised there
+            self._reports.put(("error", b, e))
+
+    def _pre_hook(self, module: nn.Module, args: tuple) -> None:
+        if self.batch is None or getattr(self._local, "target", None) is not module:
+            return
+        self._reports.put(("paused", self.batch, args[0]))
+        self._command(self.batch)

@@ -36,10 +36,10 @@ from torch import Tensor, nn
 from wkvaq_quant.config import QuantArgs, QuantPlan
 from wkvaq_quant.formats import QParams, get_format
 from wkvaq_quant.modeling.attach import block_linears
-from wkvaq_quant.weights.blocks import NEXT_INPUTS, BlockInputs, capture_block_inputs, for_each_block
+from wkvaq_quant.weights.blocks import NEXT_INPUTS, BlockInputs, PausedForwards, capture_block_inputs, for_each_block
 
-__all__ = ["SEQUENTIAL", "GptqConfig", "GptqResult", "HessianAccumulator", "gptq_block", "gptq_quantize",
-           "gptq_weight", "group_hessians"]
+__all__ = ["SEQUENTIAL", "GptqBlockResult", "GptqConfig", "GptqResult", "HessianAccumulator", "gptq_block",
+           "gptq_quantize", "gptq_weight", "group_hessians"]
 
 SEQUENTIAL = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 """True-sequential order of the Linears inside a decoder block (short names)."""
@@ -50,13 +50,21 @@ class GptqConfig:
     """percdamp: dampening, a fraction of the mean of diag(H) added to the diagonal.
     blocksize: columns per lazy batch update. act_order: columns in order of decreasing diag(H).
     static_groups: group parameters from the original weight (before any update).
-    next_inputs: what the next block sees ("quantized" or "fp", see blocks.NEXT_INPUTS)."""
+    next_inputs: what the next block sees ("quantized" or "fp", see blocks.NEXT_INPUTS).
+    single_pass: one forward of each block over the calibration batches, every batch paused at
+    each group's input while the group is quantized (blocks.PausedForwards), instead of one
+    forward per group from the block's inputs; the same weights in about half the forward work,
+    but every batch's activations inside the block stay in memory meanwhile."""
 
     percdamp: float = 0.01
     blocksize: int = 128
     act_order: bool = False
     static_groups: bool = False
     next_inputs: str = "quantized"
+    single_pass: bool = False
+
+    EXECUTION_ONLY = ("single_pass",)
+    """Fields that change how the work is done, not its result (bit-identical either way)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) \
@@ -64,7 +72,8 @@ class GptqConfig:
             raise ValueError(f"--percdamp {self.percdamp!r}: allowed: a number in [0, 1]")
         if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize <= 0:
             raise ValueError(f"GPTQ blocksize {self.blocksize!r}: allowed: a positive integer")
-        for flag, v in (("--act_order", self.act_order), ("--static_groups", self.static_groups)):
+        for flag, v in (("--act_order", self.act_order), ("--static_groups", self.static_groups),
+                        ("--gptq_single_pass", self.single_pass)):
             if not isinstance(v, bool):
                 raise ValueError(f"{flag} {v!r}: allowed: True, False")
         if self.next_inputs not in NEXT_INPUTS:
@@ -72,6 +81,10 @@ class GptqConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def result_dict(self) -> dict[str, Any]:
+        """The settings that decide the weights (to_dict without EXECUTION_ONLY)."""
+        return {k: v for k, v in asdict(self).items() if k not in self.EXECUTION_ONLY}
 
 
 @dataclass
@@ -270,27 +283,102 @@ def _sequential_groups(linears: list[tuple[str, nn.Linear]]) -> list[list[tuple[
     return [g for g in groups if g]
 
 
+@dataclass
+class GptqBlockResult:
+    """losses: per quantized Linear (short name) its GPTQ loss. outputs: with single_pass, the
+    quantized block's outputs on its inputs (computed on the way; None otherwise)."""
+
+    losses: dict[str, float]
+    outputs: BlockInputs | None = None
+
+
+def _enabled_groups(block_index: int, linears: list[tuple[str, nn.Linear]], plan: QuantPlan) \
+        -> list[list[tuple[str, nn.Linear, QuantArgs]]]:
+    """The true-sequential groups of (short name, Linear, weight args), quantized Linears only."""
+    groups = []
+    for group in _sequential_groups(linears):
+        todo = [(s, m, plan.linear_args(block_index, s)[0]) for s, m in group]
+        todo = [(s, m, a) for s, m, a in todo if a.enabled]
+        if todo:
+            groups.append(todo)
+    return groups
+
+
+def _quantize_group(todo: list[tuple[str, nn.Linear, QuantArgs]], hessians: list[Tensor], cfg: GptqConfig,
+                    losses: dict[str, float]) -> None:
+    """GPTQ each Linear of a group with its Hessian, in place (a shared H is worked in by its last user)."""
+    for j, ((short, m, args), H) in enumerate(zip(todo, hessians)):
+        last_user = not any(h is H for h in hessians[j + 1:])  # q/k/v share one H
+        hessians[j] = None
+        res = gptq_weight(m.weight, H, args, cfg, overwrite_H=last_user)
+        del H
+        m.weight.copy_(res.weight)
+        losses[short] = res.loss
+
+
 @torch.no_grad()
 def gptq_block(block: nn.Module, index: int, linears: list[tuple[str, nn.Linear]], inputs: BlockInputs,
-               plan: QuantPlan, cfg: GptqConfig, device: torch.device | str) -> dict[str, float]:
+               plan: QuantPlan, cfg: GptqConfig, device: torch.device | str) -> GptqBlockResult:
     """GPTQ every enabled Linear (short name, module) of decoder block `index` (on `device`) in
-    true-sequential order, in place; returns the loss of each quantized Linear by short name."""
+    true-sequential order, in place; returns the loss of each quantized Linear by short name
+    (and, with cfg.single_pass, the quantized block's outputs)."""
+    groups = _enabled_groups(index, linears, plan)
+    if cfg.single_pass:
+        return _gptq_block_single_pass(block, index, groups, inputs, cfg, device)
     losses: dict[str, float] = {}
-    for group in _sequential_groups(linears):
-        todo = [(s, m, plan.linear_args(index, s)[0]) for s, m in group]
-        todo = [(s, m, a) for s, m, a in todo if a.enabled]
-        if not todo:
-            continue
-        hessians = group_hessians(block, [m for _, m, _ in todo], inputs, device)
-        for j, ((short, m, args), H) in enumerate(zip(todo, hessians)):
-            last_user = not any(h is H for h in hessians[j + 1:])  # q/k/v share one H
-            hessians[j] = None
-            res = gptq_weight(m.weight, H, args, cfg, overwrite_H=last_user)
-            del H
-            m.weight.copy_(res.weight)
-            losses[short] = res.loss
-        del hessians
-    return losses
+    for todo in groups:
+        _quantize_group(todo, group_hessians(block, [m for _, m, _ in todo], inputs, device), cfg, losses)
+    return GptqBlockResult(losses)
+
+
+_PASSED = object()  # a group's Linears were all called: another call is not part of the single pass
+
+
+def _gptq_block_single_pass(block: nn.Module, index: int, groups: list[list[tuple[str, nn.Linear, QuantArgs]]],
+                            inputs: BlockInputs, cfg: GptqConfig, device: torch.device | str) -> GptqBlockResult:
+    """gptq_block with one paused forward per batch: every batch runs to the input of the group's
+    first Linear, the group's Hessian is accumulated from those inputs in batch order (as
+    group_hessians does), the group is quantized, and the batches go on to the next group. The
+    other Linears of a group must then be called on the very same input tensor (q/k/v, gate/up),
+    which a pre-hook checks, so the weights equal gptq_block's per-group passes bit for bit."""
+    losses: dict[str, float] = {}
+    expected: dict[int, Any] = {}  # id(Linear) -> per batch the input it must get (None: not yet known)
+    names = {id(m): s for todo in groups for s, m, _ in todo}
+    handles = []
+    with PausedForwards(block, inputs, device) as runner:
+
+        def check(mod: nn.Module, args: tuple) -> None:
+            b = runner.batch
+            want = expected[id(mod)]
+            if b is not None and (want is None or want is _PASSED or args[0] is not want[b]):
+                raise RuntimeError(f"--gptq_single_pass: {names[id(mod)]} of block {index} is not called right after "
+                                   f"the first Linear of its true-sequential group, on the same input tensor; "
+                                   f"run without --gptq_single_pass")
+
+        try:
+            previous: list[nn.Module] = []
+            for todo in groups:
+                first, others = todo[0][1], [m for _, m, _ in todo[1:]]
+                for m in others:
+                    expected[id(m)] = None
+                    handles.append(m.register_forward_pre_hook(check))
+                xs = runner.run_to(first)
+                for m in previous:
+                    expected[id(m)] = _PASSED
+                for m in others:
+                    expected[id(m)] = xs
+                acc = HessianAccumulator(first.in_features, device)
+                for x in xs:
+                    acc.add(x)
+                del xs
+                _quantize_group(todo, [acc.H] * len(todo), cfg, losses)
+                del acc
+                previous = others
+            outs = runner.finish()  # also checks the last group's other Linears
+        finally:
+            for h in handles:
+                h.remove()
+    return GptqBlockResult(losses, inputs.with_hidden(outs) if cfg.next_inputs == "quantized" else None)
 
 
 def gptq_quantize(model: nn.Module, plan: QuantPlan, calib_ids: Tensor, cfg: GptqConfig = GptqConfig(),
@@ -303,11 +391,12 @@ def gptq_quantize(model: nn.Module, plan: QuantPlan, calib_ids: Tensor, cfg: Gpt
         by_block.setdefault(b, []).append((short, name, lin))
     losses: dict[str, float] = {}
 
-    def process(i: int, block: nn.Module, block_inputs: BlockInputs) -> None:
+    def process(i: int, block: nn.Module, block_inputs: BlockInputs) -> BlockInputs | None:
         entries = by_block.get(i, [])
         names = {short: name for short, name, _ in entries}
         found = gptq_block(block, i, [(s, m) for s, _, m in entries], block_inputs, plan, cfg, device)
-        losses.update({names[s]: v for s, v in found.items()})
+        losses.update({names[s]: v for s, v in found.losses.items()})
+        return found.outputs
 
     inputs = capture_block_inputs(model, calib_ids, device, batch_size)
     for_each_block(model, inputs, process, device, next_inputs=cfg.next_inputs, progress=progress,

@@ -278,10 +278,13 @@ def quantize_layer_wise(src: str | Path, out: str | Path, plan: QuantPlan, algo:
     if offload_activations and not algo.needs_calib:
         raise ValueError(f"--offload_activations: --weight_algo {algo.name} uses no calibration activations; "
                          f"allowed with: {', '.join(a for a in WEIGHT_ALGOS if WeightAlgo(a).needs_calib)}")
+    if offload_activations and algo.name == "gptq" and algo.gptq.single_pass:
+        raise ValueError("--offload_activations with --gptq_single_pass: the single pass keeps every batch's "
+                         "activations in memory; allowed: one of the two")
     ckpt = SafetensorsCheckpoint(src)
     out = Path(out)
     settings = {"model": model_id or str(Path(src).resolve()), "dtype": str(dtype).removeprefix("torch."),
-                "plan": plan.to_dict(), "weight_algo": algo.to_dict()}
+                "plan": plan.to_dict(), "weight_algo": algo.to_dict(result_only=True)}
     state = _open_state(out, settings)
     if state["complete"]:
         log(f"[wkvaq] {out}: layer-wise checkpoint already complete")
@@ -331,9 +334,9 @@ def quantize_layer_wise(src: str | Path, out: str | Path, plan: QuantPlan, algo:
 def _calibrated(sk: _Skeleton, plan: QuantPlan, algo: WeightAlgo, device: str) -> Callable:
     """process(i, block, inputs) of a calibrated algorithm: quantize block i in place."""
 
-    def gptq(i: int, block: nn.Module, inputs: BlockInputs) -> None:
+    def gptq(i: int, block: nn.Module, inputs: BlockInputs) -> BlockInputs | None:
         lins = [(short, lin) for b, short, _, lin in block_linears(sk.model) if b == i]
-        gptq_block(block, i, lins, inputs, plan, algo.gptq, device)
+        return gptq_block(block, i, lins, inputs, plan, algo.gptq, device).outputs
 
     def awq(i: int, block: nn.Module, inputs: BlockInputs) -> None:
         from awq.pre_quant import awq_block
