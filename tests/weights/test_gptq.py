@@ -45,9 +45,12 @@ def _hessian(X):
     return acc.H
 
 
-def test_hessian_accumulator_is_2_over_n_xtx():
-    _, X = _layer()
-    torch.testing.assert_close(_hessian(X), 2 * X.T @ X / X.shape[0], rtol=1e-5, atol=1e-4)
+@pytest.mark.parametrize("cols", [48, 150])  # one triangle block; three, the last one partial
+def test_hessian_accumulator_is_2_over_n_xtx(cols):
+    X = torch.randn(300, cols, generator=torch.Generator().manual_seed(2)) * torch.linspace(0.2, 3.0, cols)
+    H = _hessian(X)
+    torch.testing.assert_close(H, 2 * X.double().T @ X.double() / X.shape[0], rtol=1e-5, atol=1e-4, check_dtype=False)
+    assert torch.equal(H, H.T)  # the mirrored upper triangle is the lower one exactly
 
 
 @pytest.mark.parametrize("args", FORMATS, ids=lambda a: f"{a.dtype}{a.bits}g{a.group_size}{a.granularity}")

@@ -191,9 +191,9 @@ def gptq_weight(weight: Tensor, H: Tensor, args: QuantArgs, cfg: GptqConfig = Gp
             q = quant.column(w, qp)
             Q[:, col] = q
             err = (w - q) / d
-            loss += (err.double() ** 2).sum() / 2
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
+        loss += Err1.double().square().sum() / 2
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
         i1 = i2
     if cfg.act_order:
@@ -206,7 +206,13 @@ class _GroupDone(Exception):
 
 
 class HessianAccumulator:
-    """H = 2/n * sum of x^T x over the n input rows a Linear sees (a forward pre-hook)."""
+    """H = 2/n * sum of x^T x over the n input rows a Linear sees (a forward pre-hook).
+
+    H is symmetric, so only its lower triangle is accumulated, in row blocks of TRI_BLOCK
+    (about 0.6x the work of the full product); the upper triangle is mirrored from it once, when H
+    is read."""
+
+    TRI_BLOCK = 64
 
     def __init__(self, in_features: int, device: torch.device | str) -> None:
         self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
@@ -217,7 +223,10 @@ class HessianAccumulator:
         if self._scaled:
             raise RuntimeError("HessianAccumulator: inputs added after H was read")
         x = x.reshape(-1, x.shape[-1]).to(device=self.sum.device, dtype=torch.float32)  # [..., in] -> [n, in]
-        self.sum.addmm_(x.T, x)
+        c, bs = self.sum.shape[0], self.TRI_BLOCK
+        for s in range(0, c, bs):
+            e = min(s + bs, c)
+            self.sum[s:e, :e].addmm_(x[:, s:e].T, x[:, :e])
         self.n += x.shape[0]
 
     def hook(self, _mod: nn.Module, inputs: tuple) -> None:
@@ -225,10 +234,15 @@ class HessianAccumulator:
 
     @property
     def H(self) -> Tensor:
-        """The Hessian, scaled in place the first time (the sum is not kept: no second copy)."""
+        """The Hessian, completed and scaled in place the first time (the sum is not kept: no
+        second copy)."""
         if self.n == 0:
             raise RuntimeError("GPTQ: the Linear saw no inputs during calibration")
         if not self._scaled:
+            c, bs = self.sum.shape[0], self.TRI_BLOCK
+            for s in range(0, c, bs):  # upper triangle := lower triangle, one block of rows at a time
+                e = min(s + bs, c)
+                self.sum[s:e, e:].copy_(self.sum[e:, s:e].T)
             self.sum.mul_(2.0 / self.n)
             self._scaled = True
         return self.sum
