@@ -6,6 +6,11 @@ own weight format, and keep the m_i whose group output sum_k x[t, k] * w_q[o, k]
 group's input channels k) has the lowest mean squared error over n_sample_token sampled tokens.
 i = 0 is no clipping, so a group is never clipped unless that lowers its error.
 
+The error is computed from the weight change d = w_q - w alone: mean_t (x_g[t] . d)^2 = d G_g d^T
+with G_g = mean_t x_g[t]^T x_g[t], the group's [group_size, group_size] token Gram matrix, formed
+once per Linear. That is the reference's error in exact arithmetic, in group_size / n_sample_token
+of its multiply-adds per candidate, and without subtracting two nearly equal outputs.
+
 As in the reference implementation, q_proj and k_proj are not clipped: their outputs meet in
 the attention scores, which the per-linear output error does not see (CLIP_SKIP).
 """
@@ -37,15 +42,16 @@ def search_clip(weight: Tensor, xs: list[Tensor], args: QuantArgs, n_grid: int =
     pad = ng * gs - ci  # zero columns complete the last group; they add nothing to any output
     x = torch.cat([t.reshape(-1, ci) for t in xs])
     x = x[:: max(1, x.shape[0] // n_sample_token)]
-    # x [n_token, ci] -> [n_token, n_group, group_size]
-    x = F.pad(x.float(), (0, pad)).view(-1, ng, gs)
+    # x [n_token, ci] -> [n_group, n_token, group_size]; per group the token Gram matrix / n_token
+    x = F.pad(x.float(), (0, pad)).view(-1, ng, gs).transpose(0, 1)
+    gram = torch.bmm(x.transpose(1, 2), x) / x.shape[1]  # [n_group, gs, gs]
+    del x
     best_all = []
     for o0 in range(0, co, oc_batch):
         w = weight[o0: o0 + oc_batch].float()
         b = w.shape[0]
         # w [b, ci] -> [b, n_group, group_size]
         w3 = F.pad(w, (0, pad)).view(b, ng, gs)
-        ref = torch.einsum("tgk,ogk->otg", x, w3)  # [b, n_token, n_group]
         org_max = w3.abs().amax(-1)  # [b, n_group]
         best = org_max.clone()
         min_err = torch.full_like(org_max, float("inf"))
@@ -54,8 +60,9 @@ def search_clip(weight: Tensor, xs: list[Tensor], args: QuantArgs, n_grid: int =
             m = max_val[:, cols]  # [b, n_group] -> [b, ci]
             cur = torch.maximum(torch.minimum(w, m), -m)
             q = fake_quantize(cur.to(weight.dtype), args).float()
-            out = torch.einsum("tgk,ogk->otg", x, F.pad(q, (0, pad)).view(b, ng, gs))
-            err = (out - ref).pow(2).mean(1)  # [b, n_group]
+            # mean over tokens of (x_g . (q - w))^2 = d G d^T per (row, group): [n_group, b, gs]
+            d = (F.pad(q, (0, pad)).view(b, ng, gs) - w3).transpose(0, 1)
+            err = (torch.bmm(d, gram) * d).sum(-1).T  # [b, n_group]
             better = err < min_err
             min_err = torch.where(better, err, min_err)
             best = torch.where(better, max_val, best)

@@ -189,3 +189,48 @@ def test_recorded_inputs_follow_the_folded_scales():
     fresh = collect_features(block, inputs, "cpu", lins, ["self_attn", "mlp"])
     for n in lins:
         torch.testing.assert_close(torch.cat(feats.inputs[n]), torch.cat(fresh.inputs[n]), rtol=1e-5, atol=1e-5)
+
+
+def _clip_errors_reference(weight, x, args, n_grid, max_shrink):
+    """Slow reference: per candidate i, the float64 mean over tokens of (group output of the clipped,
+    quantized weight - group output of the weight)^2, from explicit outputs: [n_cand, out, n_group]."""
+    from wkvaq_quant.quantize import fake_quantize
+
+    gs = args.group_size
+    ng = -(-weight.shape[1] // gs)
+    w64, x64 = weight.double(), x.double()
+    amax = torch.stack([weight[:, g * gs:(g + 1) * gs].abs().amax(1) for g in range(ng)], 1)
+    errs = []
+    for i in range(int(max_shrink * n_grid)):
+        m = (amax * (1 - i / n_grid)).repeat_interleave(gs, 1)[:, :weight.shape[1]]
+        q = fake_quantize(torch.maximum(torch.minimum(weight, m), -m), args).double()
+        per_group = []
+        for g in range(ng):
+            sl = slice(g * gs, (g + 1) * gs)
+            per_group.append((x64[:, sl] @ q[:, sl].T - x64[:, sl] @ w64[:, sl].T).pow(2).mean(0))
+        errs.append(torch.stack(per_group, 1))
+    return torch.stack(errs), amax
+
+
+@pytest.mark.parametrize("args", [QuantArgs(bits=3, group_size=32), QuantArgs(bits=4, group_size=24),
+                                  QuantArgs(bits=3, dtype="bitmod", group_size=32)],
+                         ids=["int3g32", "int4g24-partial", "bitmod3g32"])
+def test_clip_search_picks_the_reference_best_candidate(args):
+    """search_clip (Gram-matrix errors) picks, per (row, group), a candidate whose error under the
+    slow explicit-output reference is the smallest (up to float32 rounding), and really clips some."""
+    from awq.auto_clip import search_clip
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(40, 88, generator=g)
+    w[torch.rand(40, 88, generator=g) < 0.03] *= 8  # outliers: clipping them pays
+    x = torch.randn(300, 88, generator=g) * torch.linspace(0.3, 2.0, 88)
+    n_grid, max_shrink = 20, 0.5
+    got = search_clip(w, [x[:100], x[100:]], args, n_grid, max_shrink, n_sample_token=1000, oc_batch=16)
+    errs, amax = _clip_errors_reference(w, x, args, n_grid, max_shrink)
+    cand = torch.stack([amax * (1 - i / n_grid) for i in range(errs.shape[0])])  # [n_cand, out, n_group]
+    chosen = (cand == got.unsqueeze(0)).double().argmax(0)
+    assert ((cand == got.unsqueeze(0)).sum(0) >= 1).all()  # every value is one of the candidates
+    err_chosen = errs.gather(0, chosen.unsqueeze(0))[0]
+    best = errs.min(0).values
+    assert (err_chosen <= best * (1 + 1e-4) + 1e-9).all()
+    assert (chosen > 0).float().mean() > 0.2  # a real search: many groups are clipped
