@@ -65,10 +65,10 @@ def _peer_text(args, work: Path, calib: list[str]) -> str:
         bits, g, order = peer["bits"], peer["group_size"], peer["actorder"]
         w = ["--w_bits", str(bits), "--w_group_size", str(g)]
         rtn = _main_py(args, work, *w)["results"]["wiki_sample"]["ppl"]
-        for flags in (f + mode for f in PEER_FLAGS[order] for mode in ours_modes):
-            if args.single_pass and "--gptq_single_pass" not in flags and not _main_py_done(work, *w, "--weight_algo",
-                                                                                         "gptq", *calib, *flags):
-                continue  # the one-pass-per-group run is shown where it was measured
+        for j, flags in enumerate(f + mode for f in PEER_FLAGS[order] for mode in ours_modes):
+            needed = not args.single_pass or j == 1  # with --single_pass: the first flags' single pass
+            if not needed and not _main_py_done(work, *w, "--weight_algo", "gptq", *calib, *flags):
+                continue  # other rows are shown where --work has them
             ours = _main_py(args, work, *w, "--weight_algo", "gptq", *calib, *flags)
             name = f"W{bits} g{g} int: actorder {order} / ours {' '.join(f'`{f}`' for f in flags) or 'default'}"
             rows.append(f"| {name} | {rtn:.3f} | {ours['results']['wiki_sample']['ppl']:.3f} | {peer['ppl']:.3f} | "
@@ -90,9 +90,12 @@ evaluation windows, both single-threaded on this CPU. llm-compressor takes every
 the original weight before GPTQ starts, so its actorder none is matched exactly by our `--static_groups` (our
 default chooses them from the error-updated columns when the group starts, as the reference GPTQ) and its
 actorder "static" (= "weight") by our `--act_order --static_groups`; it has no dynamic ordering for GPTQ. Its time is the `oneshot` call (calibration forwards, Hessians, GPTQ), ours `weight_algo_s` of
-main.py (the same work, but true-sequential: per block one pass per group of Linears for the Hessians,
-each forward stopped at the group's last Linear, and one forward for the next block's inputs; llm-compressor
-takes all Hessians of a block from one forward of the unquantized block and runs one forward to propagate). Peak RSS: main.py's
+main.py (the same work, but true-sequential: by default per block one pass per group of Linears for the
+Hessians, each forward stopped at the group's last Linear, and one forward for the next block's inputs; with
+`--gptq_single_pass` one forward per block, paused at each group while it is quantized, whose end gives the next
+block's inputs: bit-identical weights, so the same perplexity; llm-compressor takes all Hessians of a block from one
+forward of the unquantized block and runs one forward to propagate). Rows without `--gptq_single_pass` are shown
+where they were measured (see their commit). Peak RSS: main.py's
 whole process (evaluation included), llm-compressor's process after `oneshot`. Each evaluated llm-compressor
 model was checked to compute with its fake-quantized weights (forward vs an independent dequantization, max abs
 difference: {checks}).
@@ -114,8 +117,8 @@ def main() -> None:
                    help="JSON records written by bench/gptq_llmcompressor.py --out (llm-compressor's GPTQ); our "
                         "GPTQ runs at the same bits, group size and ordering for the side-by-side table")
     p.add_argument("--single_pass", action="store_true",
-                   help="side-by-side rows also with --gptq_single_pass (one paused forward per block); the "
-                        "one-pass-per-group rows are kept where --work has them")
+                   help="side-by-side rows with --gptq_single_pass (one paused forward per block) for the first "
+                        "flags of each actorder; other rows are shown where --work has them")
     p.add_argument("--write", action="store_true", help="update the section in bench/RESULTS.md")
     args = p.parse_args()
     work = Path(args.work)
@@ -135,7 +138,7 @@ def main() -> None:
                     f"{gptq['weight_algo_s']:.0f} s | {gptq['total_s']:.0f} s | {_commit(gptq)} |")
     peer_text = _peer_text(args, work, calib)
     threads = os.environ.get("OMP_NUM_THREADS", "default")
-    peer_flag = " --peer peer-gptq-*.json" if args.peer else ""
+    peer_flag = (" --peer peer-gptq-*.json" if args.peer else "") + (" --single_pass" if args.single_pass else "")
     section = f"""{SECTION}
 
 Embedded SmolLM2-135M (FP32), perplexity on the first {args.n_windows} wiki_sample evaluation windows x 2048

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -136,10 +138,52 @@ def _measure(work: Path, size: str, algo: str, n_calib: int, seq: int) -> dict:
     return res
 
 
+def _measure_first_blocks(work: Path, size: str, n_calib: int, seq: int, k: int) -> dict:
+    """Layer-wise GPTQ of `size` stopped (SIGKILL) once k blocks are written: its peak RSS and the
+    time of each finished block. Every block has the same shapes, so the per-block peak repeats;
+    the run is resumable, so stopping it loses nothing but the rest of the work (cached in `work`)."""
+    from wkvaq_quant.weights.layerwise import STATE_FILE
+
+    cached = work / f"{size}-gptq-{k}blocks.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    src, out = work / f"synthetic-{size}", work / f"quant-{size}-gptq-partial"
+    if not (src / "config.json").is_file():
+        raise ValueError(f"--gptq_blocks {size}: measure RTN at {size} first (it writes the synthetic checkpoint)")
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "main.py", "--model", str(src), "--dtype", "bfloat16", "--w_bits", "4", "--w_group_size",
+           "128", "--weight_algo", "gptq", "--n_calib", str(n_calib), "--calib_seq_len", str(seq), "--layer_wise",
+           "--save_quant", str(out), "--no_progress"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done_at: list[float] = []
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            raise RuntimeError(f"{' '.join(cmd[:4])} ... ended (status {status}) before {k} blocks were written")
+        state = out / STATE_FILE
+        done = len(json.loads(state.read_text())["done"]) if state.is_file() else 0
+        done_at += [time.perf_counter() - t0] * (done - len(done_at))
+        if done >= k:
+            os.kill(proc.pid, signal.SIGKILL)
+            _, _, usage = os.wait4(proc.pid, 0)
+            break
+        time.sleep(1)
+    shutil.rmtree(out, ignore_errors=True)
+    res = {"n_params": int((work / f"{size}-n_params.txt").read_text()),
+           "gib": sum(f.stat().st_size for f in src.glob("*.safetensors")) / 2**30, "blocks": k,
+           "block_done_s": done_at, "layer_wise": {"peak_rss_mb": usage.ru_maxrss / 1024}}
+    cached.write_text(json.dumps(res))
+    return res
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1b", help=f"comma-separated, of {', '.join(SIZES)} (RTN)")
     p.add_argument("--gptq", default="", help="sizes also measured with GPTQ (comma-separated)")
+    p.add_argument("--gptq_blocks", default="",
+                   help="SIZE:K, e.g. 7b:2: layer-wise GPTQ of SIZE stopped after its first K blocks (peak RSS "
+                        "against the whole-model RTN peak of SIZE, a lower bound for any whole-model run)")
     p.add_argument("--n_calib", type=int, default=8)
     p.add_argument("--calib_seq_len", type=int, default=512)
     p.add_argument("--work", default="/tmp/wkvaq-bench-layerwise")
@@ -166,6 +210,22 @@ def main() -> None:
                     f"| {lw['peak_rss_mb'] / 1024:.2f} GiB, {lw['wall_s']:.0f} s "
                     f"| {ratio:.1%} ({1 - ratio:.1%} less) | {above:.1%} ({1 - above:.1%} less) |")
         print(rows[-1], flush=True)
+    partial = ""
+    if args.gptq_blocks:
+        size, k = args.gptq_blocks.split(":")
+        r = _measure_first_blocks(work, size, args.n_calib, args.calib_seq_len, int(k))
+        whole = json.loads((work / f"{size}-rtn.json").read_text())["whole"]["peak_rss_mb"]
+        lw = r["layer_wise"]["peak_rss_mb"]
+        t = r["block_done_s"]
+        partial = f"""
+Layer-wise GPTQ at {size} ({r['n_params'] / 1e9:.2f} B params, {args.n_calib} x {args.calib_seq_len} calibration),
+stopped once its first {r['blocks']} blocks were written (every block has the same shapes, so its per-block peak
+repeats; the run is resumable): peak RSS **{lw / 1024:.2f} GiB**, against {whole / 1024:.2f} GiB for the whole-model
+RTN run of the same checkpoint, a lower bound for whole-model GPTQ, which holds that model and the Hessians too:
+at most {lw / whole:.1%} of it (**{1 - lw / whole:.1%} less**; above the import floor {(lw - base) / (whole - base):.1%}).
+Blocks written after {', '.join(f'{x:.0f} s' for x in t)} (the first includes loading and capturing the
+calibration inputs).
+"""
     shapes = "; ".join(f"{s}: hidden {SIZES[s]['hidden_size']}, intermediate {SIZES[s]['intermediate_size']}, "
                        f"{SIZES[s]['num_hidden_layers']} blocks, {SIZES[s]['num_key_value_heads']} KV heads"
                        for s in dict.fromkeys(sizes + gptq))
@@ -185,12 +245,16 @@ The import floor: a process that only imports torch, transformers' Llama and thi
 {base / rows_whole(work, sizes):.0%} of the whole-model run. The last column compares what each run needs above it.
 GPTQ's floor is higher: one block, and per Linear its Hessian (8192 x 8192 float32 = 0.25 GiB for
 down_proj at 1 B) plus the column loop's working copies, which the whole-model run needs too.
+At 1 B these alone bound any GPTQ run from below: the floor (0.38 GiB), down_proj's Hessian (0.25 GiB)
+and its float32 weight and result (2 x 0.06 GiB) are already a quarter of the 3.0 GiB whole-model
+run, so 90% less is out of reach there by construction; at 7 B the same parts are a far smaller share.
+{partial}
 `from_pretrained` memory-maps the shards, so the whole-model peak counts the pages resident at the
 time. Times come from a shared 2-core machine (other work ran beside some rows); the memory
 columns do not depend on it.
 
     OMP_NUM_THREADS=1 python bench/layerwise.py --sizes {args.sizes} --gptq {args.gptq or '""'} \\
-        --n_calib {args.n_calib} --calib_seq_len {args.calib_seq_len} --write
+        {f"--gptq_blocks {args.gptq_blocks} " if args.gptq_blocks else ""}--n_calib {args.n_calib} --calib_seq_len {args.calib_seq_len} --write
 """
     print(section)
     if args.write:
