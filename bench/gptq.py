@@ -39,7 +39,7 @@ its own group) by our `--act_order --static_groups`."""
 
 def _main_py_done(work: Path, *flags: str) -> bool:
     """Whether main.py's run with `flags` already has a record in `work` (see _main_py)."""
-    return any((work / "results" / "-".join(f.lstrip("-") for f in flags)).glob("*.json"))
+    return any((work / "results" / "-".join(f.lstrip("-") for f in flags)).rglob("*.json"))
 
 
 def _commit(record: dict) -> str:
