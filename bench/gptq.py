@@ -24,10 +24,14 @@ SETTINGS = ((4, ()), (4, ("--act_order",)), (3, ()))
 """(bits, extra GPTQ flags) of each GPTQ row."""
 
 
+def _results_dir(work: Path, *flags: str) -> Path:
+    """The results directory of main.py's run with `flags`, one per set of flags."""
+    return work / "results" / ("-".join(f.lstrip("-") for f in flags) if flags else "fp")
+
+
 def _main_py(args, work: Path, *flags: str) -> dict:
-    """main.py's result record for `flags` (plus the process wall time), one results directory each."""
-    out = work / "results" / "-".join(f.lstrip("-") for f in flags) if flags else work / "results" / "fp"
-    return run_main(["--model", "smollm2-135m", "--n_windows", str(args.n_windows), *flags], out)
+    """main.py's result record for `flags` (plus the process wall time)."""
+    return run_main(["--model", "smollm2-135m", "--n_windows", str(args.n_windows), *flags], _results_dir(work, *flags))
 
 
 PEER_FLAGS = {"none": ((), ("--static_groups",)), "static": (("--act_order", "--static_groups"),)}
@@ -39,7 +43,7 @@ its own group) by our `--act_order --static_groups`."""
 
 def _main_py_done(work: Path, *flags: str) -> bool:
     """Whether main.py's run with `flags` already has a record in `work` (see _main_py)."""
-    return any((work / "results" / "-".join(f.lstrip("-") for f in flags)).rglob("*.json"))
+    return any(_results_dir(work, *flags).rglob("*.json"))
 
 
 def _commit(record: dict) -> str:

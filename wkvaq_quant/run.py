@@ -95,9 +95,8 @@ class RunConfig:
         if self.offload_activations and not (self.layer_wise and self.weight_algo.needs_calib):
             raise ValueError("--offload_activations keeps the calibration activations of a --layer_wise run on disk; "
                              "allowed with: --layer_wise --weight_algo gptq (or awq)")
-        if self.offload_activations and self.weight_algo.name == "gptq" and self.weight_algo.gptq.single_pass:
-            raise ValueError("--offload_activations with --gptq_single_pass: the single pass keeps every batch's "
-                             "activations in memory; allowed: one of the two")
+        if self.offload_activations:
+            self.weight_algo.check_offload_activations()
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"--attn_implementation {self.attn_implementation!r}: allowed values are "
                              f"{', '.join(ATTN_IMPLEMENTATIONS)}")

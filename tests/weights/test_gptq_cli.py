@@ -40,6 +40,11 @@ def test_flags_parse_into_the_weight_algo(tmp_path, tiny_llama):
     assert rtn.slug().startswith("w4g16-")
     plain = parse_config(main_argv(tiny_llama, tmp_path, *RUN, "--weight_algo", "gptq"))
     assert len({rtn.slug(), plain.slug(), cfg.slug()}) == 3
+    # --gptq_single_pass changes how, not what: the same result name, but the record keeps it
+    single = parse_config(main_argv(tiny_llama, tmp_path, *RUN, "--weight_algo", "gptq", "--gptq_single_pass"))
+    assert single.weight_algo.gptq.single_pass and not plain.weight_algo.gptq.single_pass
+    assert single.slug() == plain.slug()
+    assert single.to_dict()["weight_algo"]["gptq"]["single_pass"] is True
 
 
 @pytest.mark.parametrize("flags,match", [
@@ -110,6 +115,8 @@ def test_gptq_run_end_to_end_and_from_yaml(tmp_path, tiny_llama, isolated_cache)
     (["--layer_wise", "--save_quant", "x", "--a_bits", "8"], "--layer_wise writes quantized weights only"),
     (["--layer_wise", "--save_quant", "x", "--offload_activations"], "--offload_activations keeps the calibration"),
     (["--weight_algo", "gptq", "--offload_activations"], "allowed with: --layer_wise --weight_algo gptq"),
+    (["--layer_wise", "--save_quant", "x", "--weight_algo", "gptq", "--gptq_single_pass", "--offload_activations"],
+     "--offload_activations with --gptq_single_pass"),
 ])
 def test_layer_wise_flags_refused_before_loading(tmp_path, tiny_llama, capsys, no_model_load, flags, match):
     argv = main_argv(tiny_llama, tmp_path, *RUN, *flags)

@@ -101,6 +101,21 @@ def test_gptq_layer_wise_equals_in_memory(request, tmp_path, ids, ckpt, nxt):
     _assert_same_weights(_load(tmp_path / "out"), ref)
 
 
+def test_gptq_single_pass_layer_wise_equals_in_memory_and_resumes_either_way(tied, tmp_path, ids):
+    """Layer-wise GPTQ with the single pass writes the per-group passes' weights; the flag is not
+    part of the run's settings, so the same directory is accepted without it."""
+    plan = dataclasses.replace(PLAN, layers=OFF)
+    out = tmp_path / "out"
+    quantize_layer_wise(tied, out, plan, _algo("gptq", single_pass=True), calib=ids, progress=False,
+                        log=lambda s: None)
+    ref = _load(tied)
+    gptq_quantize(ref, plan, ids, GptqConfig(), progress=False)
+    _assert_same_weights(_load(out), ref)
+    said = []
+    state = quantize_layer_wise(tied, out, plan, _algo("gptq"), calib=ids, progress=False, log=said.append)
+    assert state["complete"] and "already complete" in said[0]
+
+
 @pytest.mark.parametrize("ckpt", ["src", "tied"])
 def test_awq_layer_wise_equals_in_memory(request, tmp_path, ids, ckpt):
     """Layer-wise AWQ (search, fold, clip, RTN per block) == run_awq on the whole model + RTN."""
@@ -227,6 +242,10 @@ def test_bad_inputs_are_refused(tied, src, tmp_path, ids):
         quantize_layer_wise(tied, tmp_path / "o5", PLAN, _algo("gptq"), progress=False)
     with pytest.raises(ValueError, match="--offload_activations: --weight_algo rtn uses no calibration activations"):
         quantize_layer_wise(tied, tmp_path / "o6", PLAN, WeightAlgo("rtn"), offload_activations=True, progress=False)
+    with pytest.raises(ValueError, match="--offload_activations with --gptq_single_pass"):
+        quantize_layer_wise(tied, tmp_path / "o7", PLAN, _algo("gptq", single_pass=True), calib=ids,
+                            offload_activations=True, progress=False)
+    assert not (tmp_path / "o7").exists()  # refused before anything is written
 
 
 @pytest.mark.parametrize("nxt", ["quantized", "fp"])

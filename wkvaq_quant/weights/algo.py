@@ -111,6 +111,12 @@ class WeightAlgo:
         """What the block after a calibrated one sees (blocks.NEXT_INPUTS)."""
         return self.gptq.next_inputs if self.name == "gptq" else _NEXT_INPUTS.get(self.name, "quantized")
 
+    def check_offload_activations(self) -> None:
+        """Refuse --offload_activations where the algorithm keeps the activations in memory anyway."""
+        if self.name == "gptq" and self.gptq.single_pass:
+            raise ValueError("--offload_activations with --gptq_single_pass: the single pass keeps every batch's "
+                             "activations in memory; allowed: one of the two")
+
     def to_dict(self, result_only: bool = False) -> dict[str, Any]:
         """Every setting; with `result_only` those that decide the weights (no execution-only
         fields such as GPTQ's single_pass): what result names and layer-wise resumption key on."""

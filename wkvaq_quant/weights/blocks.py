@@ -263,7 +263,7 @@ class PausedForwards:
         if inputs.offload_dir is not None:
             raise ValueError("PausedForwards holds every batch's activations in memory; the inputs are offloaded "
                              "to disk (--offload_activations)")
-        self.block, self.device = block, device
+        self.block = block
         self._batches = inputs.batches(device)
         self._n = len(inputs.hidden)
         self._local = threading.local()

@@ -28,7 +28,7 @@ the quantized block's outputs, or the full-precision block's (`next_inputs`).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -223,11 +223,14 @@ class HessianAccumulator:
         if self._scaled:
             raise RuntimeError("HessianAccumulator: inputs added after H was read")
         x = x.reshape(-1, x.shape[-1]).to(device=self.sum.device, dtype=torch.float32)  # [..., in] -> [n, in]
-        c, bs = self.sum.shape[0], self.TRI_BLOCK
-        for s in range(0, c, bs):
-            e = min(s + bs, c)
+        for s, e in self._row_blocks():
             self.sum[s:e, :e].addmm_(x[:, s:e].T, x[:, :e])
         self.n += x.shape[0]
+
+    def _row_blocks(self) -> Iterator[tuple[int, int]]:
+        """(start, end) of H's blocks of TRI_BLOCK rows."""
+        c = self.sum.shape[0]
+        return ((s, min(s + self.TRI_BLOCK, c)) for s in range(0, c, self.TRI_BLOCK))
 
     def hook(self, _mod: nn.Module, inputs: tuple) -> None:
         self.add(inputs[0])
@@ -239,9 +242,7 @@ class HessianAccumulator:
         if self.n == 0:
             raise RuntimeError("GPTQ: the Linear saw no inputs during calibration")
         if not self._scaled:
-            c, bs = self.sum.shape[0], self.TRI_BLOCK
-            for s in range(0, c, bs):  # upper triangle := lower triangle, one block of rows at a time
-                e = min(s + bs, c)
+            for s, e in self._row_blocks():  # upper triangle := lower triangle, one block of rows at a time
                 self.sum[s:e, e:].copy_(self.sum[e:, s:e].T)
             self.sum.mul_(2.0 / self.n)
             self._scaled = True

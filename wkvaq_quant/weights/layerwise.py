@@ -278,9 +278,8 @@ def quantize_layer_wise(src: str | Path, out: str | Path, plan: QuantPlan, algo:
     if offload_activations and not algo.needs_calib:
         raise ValueError(f"--offload_activations: --weight_algo {algo.name} uses no calibration activations; "
                          f"allowed with: {', '.join(a for a in WEIGHT_ALGOS if WeightAlgo(a).needs_calib)}")
-    if offload_activations and algo.name == "gptq" and algo.gptq.single_pass:
-        raise ValueError("--offload_activations with --gptq_single_pass: the single pass keeps every batch's "
-                         "activations in memory; allowed: one of the two")
+    if offload_activations:
+        algo.check_offload_activations()
     ckpt = SafetensorsCheckpoint(src)
     out = Path(out)
     settings = {"model": model_id or str(Path(src).resolve()), "dtype": str(dtype).removeprefix("torch."),
