@@ -55,12 +55,13 @@ def check_fake_quantized(model: nn.Module, bits: int) -> dict[str, Any]:
     name, lin = next((n, m) for n, m in model.named_modules()
                      if isinstance(m, nn.Linear) and hasattr(m, "weight_scale") and "layers.0." in n)
     deq = _manual_dequant(lin.weight, lin.weight_scale, lin.weight_zero_point, bits)
-    x = torch.randn(4, lin.in_features, generator=torch.Generator().manual_seed(0))
-    y = lin(x)
-    err_deq = (y - nn.functional.linear(x, deq, lin.bias)).abs().max().item()
-    err_plain = (y - nn.functional.linear(x, lin.weight.float(), lin.bias)).abs().max().item()
+    dtype = lin.weight.dtype
+    x = torch.randn(4, lin.in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
+    y = lin(x).float()
+    err_deq = (y - nn.functional.linear(x, deq.to(dtype), lin.bias).float()).abs().max().item()
+    err_plain = (y - nn.functional.linear(x, lin.weight, lin.bias).float()).abs().max().item()
     scale_ref = max(y.abs().max().item(), 1e-12)
-    if err_deq > 1e-4 * scale_ref:
+    if err_deq > max(1e-4, 4 * torch.finfo(dtype).eps) * scale_ref:  # the model dtype's rounding at most
         raise RuntimeError(f"{name}: forward differs from the manual dequantization by {err_deq:.3g}: "
                            f"the model does not compute with the quantized weights")
     return {"module": name, "max_abs_err_vs_manual_qdq": err_deq, "max_abs_diff_vs_stored_weight": err_plain,
@@ -80,10 +81,12 @@ def _cpu_only_workarounds() -> list[str]:
     return ["IntermediatesCache.pin_memory: no-op (CPU only)"]
 
 
-def run_oneshot(recipe, n_calib: int, calib_seq_len: int, n_windows: int, bits: int) -> dict:
+def run_oneshot(recipe, n_calib: int, calib_seq_len: int, n_windows: int, bits: int,
+                dtype: str = "float32") -> dict:
     """Load the embedded model, run llm-compressor's `oneshot` with `recipe` on our calibration
     windows (wiki_sample calibration split, seed 0), check the fake quantization, evaluate the
-    perplexity on our first `n_windows` evaluation windows; return the record."""
+    perplexity on our first `n_windows` evaluation windows; return the record. `dtype` is the model's
+    dtype throughout (calibration, search and evaluation), as `--dtype` of our runs."""
     import llmcompressor
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -94,7 +97,7 @@ def run_oneshot(recipe, n_calib: int, calib_seq_len: int, n_windows: int, bits: 
                               source.add_special_tokens)
     windows = get_eval_windows(resolve_text_source("wiki_sample", "eval"), tok, 2048,
                                source.add_special_tokens)[:n_windows]
-    model, _ = load_model(source)
+    model, _ = load_model(source, dtype)
     ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     patched = _cpu_only_workarounds()
     t0 = time.perf_counter()
@@ -109,7 +112,7 @@ def run_oneshot(recipe, n_calib: int, calib_seq_len: int, n_windows: int, bits: 
     import compressed_tensors
     record = {"ppl": ppl, "oneshot_s": oneshot_s, "peak_rss_mb_oneshot": rss_oneshot,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              "n_calib": n_calib, "calib_seq_len": calib_seq_len, "n_windows": n_windows,
+              "dtype": dtype, "n_calib": n_calib, "calib_seq_len": calib_seq_len, "n_windows": n_windows,
               "llmcompressor": llmcompressor.__version__, "compressed_tensors": compressed_tensors.__version__,
               "threads": torch.get_num_threads(), "fake_quant_check": check,
               "recipe": [repr(m) for m in recipe], "patched": patched}

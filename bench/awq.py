@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results_md import write_section  # noqa: E402
+from _results_md import bf16_note, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,10 +37,17 @@ from wkvaq_quant.results import atomic_write_json  # noqa: E402
 from wkvaq_quant.weights.rtn import rtn_quantize  # noqa: E402
 
 SETTINGS = [(4, "int"), (4, "bitmod"), (3, "int"), (3, "bitmod")]
+DTYPE_NAMES = {"float32": "FP32", "bfloat16": "BF16"}
+"""Labels of the model dtypes a side-by-side pair can run in (`--dtype` of both)."""
 
 
-def _ppl(windows, weights: str | None = None, plan: QuantPlan | None = None) -> float:
-    model, _ = load_model(resolve_model("smollm2-135m"))
+def _suffix(model_dtype: str) -> str:
+    """Tag of a model dtype in keys and file names: none for the default float32."""
+    return "" if model_dtype == "float32" else f"-{model_dtype}"
+
+
+def _ppl(windows, weights: str | None = None, plan: QuantPlan | None = None, model_dtype: str = "float32") -> float:
+    model, _ = load_model(resolve_model("smollm2-135m"), model_dtype)
     if weights:
         load_checkpoint_weights(model, weights)
     if plan is not None:
@@ -49,13 +56,14 @@ def _ppl(windows, weights: str | None = None, plan: QuantPlan | None = None) -> 
         return evaluate_perplexity(model, windows, progress=False).ppl
 
 
-def _awq_run(args, bits: int, dtype: str, work: Path, group_size: int) -> dict:
-    tag = f"w{bits}-g{group_size}-{dtype}"
+def _awq_run(args, bits: int, dtype: str, work: Path, group_size: int, model_dtype: str = "float32") -> dict:
+    tag = f"w{bits}-g{group_size}-{dtype}" + _suffix(model_dtype)
     out = work / f"fake-{tag}"
     cmd = [sys.executable, "-m", "awq.entry", "--model", "smollm2-135m", "--w_bit", str(bits), "--q_group_size",
            str(group_size), "--wq_dtype", dtype, "--n_calib", str(args.n_calib), "--calib_seq_len",
            str(args.calib_seq_len), "--n_grid", str(args.n_grid), "--batch_size", str(args.n_calib),
-           "--run_awq", "--dump_awq", str(work / f"{tag}.pt"), "--dump_fake", str(out), "--no_progress"]
+           "--run_awq", "--dump_awq", str(work / f"{tag}.pt"), "--dump_fake", str(out), "--no_progress",
+           "--dtype", model_dtype]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
@@ -79,58 +87,80 @@ class _Store:
             print(f"{key}: {self.res[key]}", flush=True)
         return self.res[key]
 
-    def setting(self, args, windows, work: Path, group_size: int, bits: int, dtype: str) -> tuple[dict, dict, dict]:
-        """(RTN, AWQ, AWQ run) measurements of one setting."""
+    def setting(self, args, windows, work: Path, group_size: int, bits: int, dtype: str,
+                model_dtype: str = "float32") -> tuple[dict, dict, dict]:
+        """(RTN, AWQ, AWQ run) measurements of one setting; `model_dtype` is the model's dtype
+        throughout (search and evaluation)."""
         plan = QuantPlan.from_flags(w_bits=bits, w_group_size=group_size, w_dtype=dtype)
-        rtn = self.done(f"rtn-w{bits}-{dtype}", lambda: {"ppl": _ppl(windows, plan=plan)})
-        run = self.done(f"awq-run-w{bits}-{dtype}", lambda: _awq_run(args, bits, dtype, work, group_size))
-        awq = self.done(f"awq-w{bits}-{dtype}", lambda: {"ppl": _ppl(windows, weights=run["checkpoint"])})
+        key = f"w{bits}-{dtype}" + _suffix(model_dtype)
+        rtn = self.done(f"rtn-{key}", lambda: {"ppl": _ppl(windows, plan=plan, model_dtype=model_dtype)})
+        run = self.done(f"awq-run-{key}", lambda: _awq_run(args, bits, dtype, work, group_size, model_dtype))
+        awq = self.done(f"awq-{key}", lambda: {"ppl": _ppl(windows, weights=run["checkpoint"],
+                                                             model_dtype=model_dtype)})
         return rtn, awq, run
 
 
 def _peer_text(args, windows, work: Path) -> str:
-    """The side-by-side table with llm-compressor's AWQ (its JSON record from `--peer`)."""
+    """The side-by-side table with llm-compressor's AWQ (its JSON records from `--peer`, one per
+    model dtype)."""
     if not args.peer:
         return ("llm-compressor's AWQ: not measured in this run (`bench/awq_llmcompressor.py` measures it; "
                 "its JSON goes to `--peer`).")
-    peer = json.loads(Path(args.peer).read_text())
-    bits, g = peer["bits"], peer["group_size"]
-    for key, ours in (("n_calib", args.n_calib), ("calib_seq_len", args.calib_seq_len), ("n_grid", args.n_grid),
-                      ("n_windows", args.n_windows)):
-        if peer[key] != ours:
-            raise ValueError(f"--peer {args.peer}: {key} {peer[key]} differs from ours ({ours})")
-    rtn, awq, run = _Store(args, g, work).setting(args, windows, work, g, bits, "int")
-    check = peer["fake_quant_check"]
-    return f"""llm-compressor {peer['llmcompressor']} (compressed-tensors {peer['compressed_tensors']}) side by side, W{bits}
-g{g} asymmetric INT with an integer zero point (group 128 is refused by compressed-tensors on this model: hidden
-576 is not a multiple of 128), the same {peer['n_calib']} x {peer['calib_seq_len']} calibration windows and the same
-evaluation windows, both single-threaded on this CPU. llm-compressor: `AWQModifier(duo_scaling=False,
-n_grid={peer['n_grid']})` (scales from the activation magnitude only, as ours and llm-awq; its grid is
+    peers = [json.loads(Path(f).read_text()) for f in args.peer]
+    rows, cmds, goals = [], [], []
+    for f, peer in zip(args.peer, peers):
+        for key, ours in (("n_calib", args.n_calib), ("calib_seq_len", args.calib_seq_len), ("n_grid", args.n_grid),
+                          ("n_windows", args.n_windows)):
+            if peer[key] != ours:
+                raise ValueError(f"--peer {f}: {key} {peer[key]} differs from ours ({ours})")
+        bits, g, model_dtype = peer["bits"], peer["group_size"], peer.get("dtype", "float32")
+        rtn, awq, run = _Store(args, g, work).setting(args, windows, work, g, bits, "int", model_dtype)
+        name, ratio = f"W{bits} g{g} int, {DTYPE_NAMES[model_dtype]}", run["search_s"] / peer["oneshot_s"]
+        rows += [f"| {name}: ours (`awq.entry`) | {rtn['ppl']:.3f} | {awq['ppl']:.3f} | {run['search_s']:.0f} s | "
+                 f"{run['peak_rss_mb'] / 1024:.2f} GiB |",
+                 f"| {name}: llm-compressor | {rtn['ppl']:.3f} | {peer['ppl']:.3f} | {peer['oneshot_s']:.0f} s | "
+                 f"{peer['peak_rss_mb_oneshot'] / 1024:.2f} GiB |",
+                 f"| {name}: ours / llm-compressor | | {awq['ppl'] / peer['ppl']:.3f}x | **{ratio:.2f}x** | |"]
+        goals.append(f"{DTYPE_NAMES[model_dtype]} {'met' if ratio <= 0.5 else 'not met'} ({ratio:.2f}x)")
+        dflag = "" if model_dtype == "float32" else f" --dtype {model_dtype}"
+        cmds.append(f"    OMP_NUM_THREADS=1 /work/venvs/llmcompressor/bin/python bench/awq_llmcompressor.py --bits {bits} \\\n"
+                    f"        --group_size {g} --n_calib {peer['n_calib']} --calib_seq_len {peer['calib_seq_len']} "
+                    f"--n_grid {peer['n_grid']} \\\n        --n_windows {peer['n_windows']}{dflag} --out {Path(f).name}")
+    p0 = peers[0]
+    checks = "; ".join(f"{DTYPE_NAMES[p.get('dtype', 'float32')]} `{p['fake_quant_check']['module']}`: forward "
+                       f"equals an independent dequantization to {p['fake_quant_check']['max_abs_err_vs_manual_qdq']:.1e}, "
+                       f"differs from the stored FP weight by {p['fake_quant_check']['max_abs_diff_vs_stored_weight']:.2g}"
+                       for p in peers)
+    nl = "\n"
+    return f"""llm-compressor {p0['llmcompressor']} (compressed-tensors {p0['compressed_tensors']}) side by side,
+asymmetric INT with an integer zero point (group 128 is refused by compressed-tensors on this model: hidden
+576 is not a multiple of 128), the same {p0['n_calib']} x {p0['calib_seq_len']} calibration windows and the same
+evaluation windows, both single-threaded on this CPU, each pair in one model dtype (`--dtype` of both: calibration,
+search and evaluation). llm-compressor: `AWQModifier(duo_scaling=False,
+n_grid={p0['n_grid']})` (scales from the activation magnitude only, as ours and llm-awq; its grid is
 i / (n_grid - 1), ours i / n_grid) followed by `QuantizationModifier` with that scheme; it has no clip search,
 ours searches a clip per group ({args.n_grid // 2} candidates) after scaling. Its time is the `oneshot` call
 (calibration, search, quantization), ours the search of `python -m awq.entry` (calibration forwards, scale and
 clip search); peak RSS: our `awq.entry` process (search, cache and checkpoint writing), llm-compressor's
-process right after `oneshot` (before the evaluation). The evaluated llm-compressor model was checked to compute with its fake-quantized weights
-(`{check['module']}`: forward equals an independent dequantization to {check['max_abs_err_vs_manual_qdq']:.1e},
-differs from the stored FP weight by {check['max_abs_diff_vs_stored_weight']:.2g}).
+process right after `oneshot` (before the evaluation). Each evaluated llm-compressor model was checked to compute
+with its fake-quantized weights ({checks}).
 
-| W{bits} g{g} int | RTN ppl | AWQ ppl | AWQ time | peak RSS |
+| setting | RTN ppl | AWQ ppl | AWQ time | peak RSS |
 |---|---:|---:|---:|---:|
-| ours (`awq.entry`) | {rtn['ppl']:.3f} | {awq['ppl']:.3f} | {run['search_s']:.0f} s | {run['peak_rss_mb'] / 1024:.2f} GiB |
-| llm-compressor | {rtn['ppl']:.3f} | {peer['ppl']:.3f} | {peer['oneshot_s']:.0f} s | {peer['peak_rss_mb_oneshot'] / 1024:.2f} GiB |
-| ours / llm-compressor | | {awq['ppl'] / peer['ppl']:.3f}x | {run['search_s'] / peer['oneshot_s']:.2f}x | |
+{nl.join(rows)}
 
-Goal (our time at most half of llm-compressor's): {"met" if run['search_s'] <= 0.5 * peer['oneshot_s'] else "not met"}.
-A cProfile of 5 blocks (W4 g64, 8 x 256 tokens) puts about 77% of our time in the scale search (one forward of the
+Goal (our time at most half of llm-compressor's): {"; ".join(goals)}.
+{bf16_note()}
+
+In FP32 a cProfile of 5 blocks (W4 g64, 8 x 256 tokens) puts about 77% of our time in the scale search (one forward of the
 inspected attention / MLP / Linear per grid point over every calibration token: the multiply-adds llm-compressor's
-search spends too), about 9% in the clip search (24% before its errors came from the token Gram matrix; llm-compressor
-has no clip search), about 6% in recording the block's inputs and 7% in the forward for the next block's inputs. The
+search spends too), about 9% in the clip search (llm-compressor has no clip search), about 6% in recording the
+block's inputs and 7% in the forward for the next block's inputs. In BF16 those multiply-adds are cheap and the
+per-candidate weight quantization, where our formats do fewer passes, is a larger share of both runs. The
 g{args.group_size} rows above were measured in an earlier session (before the Gram-matrix clip errors) under a
-different load of the shared machine; the two rows here ran back to back.
+different load of the shared machine; the pairs here ran back to back.
 
-    OMP_NUM_THREADS=1 /work/venvs/llmcompressor/bin/python bench/awq_llmcompressor.py --bits {bits} \\
-        --group_size {g} --n_calib {peer['n_calib']} --calib_seq_len {peer['calib_seq_len']} --n_grid {peer['n_grid']} \\
-        --n_windows {peer['n_windows']} --out peer-awq.json
+{nl.join(cmds)}
 """
 
 
@@ -142,9 +172,9 @@ def main() -> None:
     p.add_argument("--calib_seq_len", type=int, default=256)
     p.add_argument("--n_grid", type=int, default=10)
     p.add_argument("--work", default="/tmp/wkvaq-bench-awq", help="finished measurements are reused from here")
-    p.add_argument("--peer", default=None,
-                   help="JSON record written by bench/awq_llmcompressor.py --out (llm-compressor's AWQ); our "
-                        "AWQ runs at its bits and group size for the side-by-side table")
+    p.add_argument("--peer", nargs="+", default=None,
+                   help="JSON records written by bench/awq_llmcompressor.py --out (llm-compressor's AWQ); our "
+                        "AWQ runs at each one's bits, group size and model dtype for the side-by-side table")
     p.add_argument("--write", action="store_true", help="update the section in bench/RESULTS.md")
     args = p.parse_args()
     work = Path(args.work)
@@ -162,7 +192,7 @@ def main() -> None:
                     f"{awq['ppl'] / rtn['ppl']:.3f}x | {run['search_s']:.0f} s | {run['peak_rss_mb'] / 1024:.2f} GiB |")
     peer_text = _peer_text(args, windows, work)
     threads = os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))
-    peer_flag = " --peer peer-awq.json" if args.peer else ""
+    peer_flag = f" --peer {' '.join(Path(f).name for f in args.peer)}" if args.peer else ""
     section = f"""{SECTION}
 
 Embedded SmolLM2-135M (FP32), perplexity on the first {args.n_windows} wiki_sample evaluation windows x 2048

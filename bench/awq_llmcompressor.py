@@ -39,6 +39,8 @@ def main() -> None:
     p.add_argument("--n_calib", type=int, default=8)
     p.add_argument("--calib_seq_len", type=int, default=256)
     p.add_argument("--n_grid", type=int, default=10)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="model dtype for calibration, search and evaluation (as our --dtype)")
     p.add_argument("--out", default=None, help="write the JSON record here too")
     args = p.parse_args()
     from llmcompressor.modifiers.quantization import QuantizationModifier
@@ -47,7 +49,8 @@ def main() -> None:
     recipe = [AWQModifier(duo_scaling=False, n_grid=args.n_grid),
               QuantizationModifier(config_groups={"group_0": int_scheme(args.bits, args.group_size)},
                                    ignore=["lm_head"])]
-    rec = run_oneshot(recipe, args.n_calib, args.calib_seq_len, args.n_windows, args.bits)
+    rec = run_oneshot(recipe, args.n_calib, args.calib_seq_len, args.n_windows, args.bits,
+                      args.dtype)
     rec.update(bits=args.bits, group_size=args.group_size, n_grid=args.n_grid, duo_scaling=False)
     print(json.dumps(rec))
     if args.out:

@@ -41,6 +41,21 @@ default chooses them from the updated columns), and "static" (= "weight": act or
 its own group) by our `--act_order --static_groups`."""
 
 
+DTYPE_NAMES = {"float32": "FP32", "bfloat16": "BF16"}
+"""Row labels of the model dtypes a side-by-side pair can run in (`--dtype` of both)."""
+
+
+def _dtype_flags(dtype: str) -> list[str]:
+    """main.py's (and the peer script's) flags for the model dtype; none for the default float32."""
+    return [] if dtype == "float32" else ["--dtype", dtype]
+
+
+def _peer_name(peer: dict) -> str:
+    """The file name the commands in RESULTS.md give a peer record."""
+    suffix = "" if peer.get("dtype", "float32") == "float32" else f"-{peer['dtype']}"
+    return f"peer-gptq-w{peer['bits']}-{peer['actorder']}{suffix}.json"
+
+
 def _main_py_done(work: Path, *flags: str) -> bool:
     """Whether main.py's run with `flags` already has a record in `work` (see _main_py)."""
     return any(_results_dir(work, *flags).rglob("*.json"))
@@ -66,15 +81,16 @@ def _peer_text(args, work: Path, calib: list[str]) -> str:
                           ("n_windows", args.n_windows)):
             if peer[key] != ours:
                 raise ValueError(f"--peer: {key} {peer[key]} differs from ours ({ours})")
-        bits, g, order = peer["bits"], peer["group_size"], peer["actorder"]
-        w = ["--w_bits", str(bits), "--w_group_size", str(g)]
+        bits, g, order, dtype = peer["bits"], peer["group_size"], peer["actorder"], peer.get("dtype", "float32")
+        w = ["--w_bits", str(bits), "--w_group_size", str(g), *_dtype_flags(dtype)]
         rtn = _main_py(args, work, *w)["results"]["wiki_sample"]["ppl"]
         for j, flags in enumerate(f + mode for f in PEER_FLAGS[order] for mode in ours_modes):
             needed = not args.single_pass or j == 1  # with --single_pass: the first flags' single pass
             if not needed and not _main_py_done(work, *w, "--weight_algo", "gptq", *calib, *flags):
                 continue  # other rows are shown where --work has them
             ours = _main_py(args, work, *w, "--weight_algo", "gptq", *calib, *flags)
-            name = f"W{bits} g{g} int: actorder {order} / ours {' '.join(f'`{f}`' for f in flags) or 'default'}"
+            name = (f"W{bits} g{g} int, {DTYPE_NAMES[dtype]}: actorder {order} / ours "
+                    f"{' '.join(f'`{f}`' for f in flags) or 'default'}")
             rows.append(f"| {name} | {rtn:.3f} | {ours['results']['wiki_sample']['ppl']:.3f} | {peer['ppl']:.3f} | "
                         f"{ours['weight_algo_s']:.0f} s | {peer['oneshot_s']:.0f} s | "
                         f"{ours['weight_algo_s'] / peer['oneshot_s']:.2f}x | {ours['peak_rss_mb'] / 1024:.2f} GiB | "
@@ -85,7 +101,8 @@ def _peer_text(args, work: Path, calib: list[str]) -> str:
     cmds = "\n".join(f"    OMP_NUM_THREADS=1 /work/venvs/llmcompressor/bin/python bench/gptq_llmcompressor.py "
                      f"--bits {p['bits']} --group_size {p['group_size']} --actorder {p['actorder']} \\\n"
                      f"        --n_calib {p['n_calib']} --calib_seq_len {p['calib_seq_len']} "
-                     f"--n_windows {p['n_windows']} --out peer-gptq-w{p['bits']}-{p['actorder']}.json" for p in peers)
+                     f"--n_windows {p['n_windows']}{' '.join(['', *_dtype_flags(p.get('dtype', 'float32'))])} "
+                     f"--out {_peer_name(p)}" for p in peers)
     return f"""llm-compressor {p0['llmcompressor']} (compressed-tensors {p0['compressed_tensors']}) side by side:
 `GPTQModifier(block_size=128, dampening_frac=0.01, actorder=...)` with an explicit QuantizationScheme (asymmetric
 INT, integer zero point, the bits and group size of the row; group 128 is refused by compressed-tensors on this

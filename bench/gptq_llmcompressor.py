@@ -44,6 +44,8 @@ def main() -> None:
     p.add_argument("--actorder", choices=sorted(ACTORDER), default="none")
     p.add_argument("--n_calib", type=int, default=32)
     p.add_argument("--calib_seq_len", type=int, default=512)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="model dtype for calibration, search and evaluation (as our --dtype)")
     p.add_argument("--out", default=None, help="write the JSON record here too")
     args = p.parse_args()
     from llmcompressor.modifiers.gptq import GPTQModifier
@@ -51,7 +53,8 @@ def main() -> None:
     actorder = ACTORDER[args.actorder]
     recipe = [GPTQModifier(config_groups={"group_0": int_scheme(args.bits, args.group_size, actorder)},
                            ignore=["lm_head"], block_size=128, dampening_frac=0.01, actorder=actorder)]
-    rec = run_oneshot(recipe, args.n_calib, args.calib_seq_len, args.n_windows, args.bits)
+    rec = run_oneshot(recipe, args.n_calib, args.calib_seq_len, args.n_windows, args.bits,
+                      args.dtype)
     rec.update(bits=args.bits, group_size=args.group_size, actorder=args.actorder, block_size=128,
                dampening_frac=0.01)
     print(json.dumps(rec))

@@ -11,6 +11,7 @@ from wkvaq_quant.formats import (
     BITMOD_GRIDS,
     FP4_E2M1_VALUES,
     double_quantize_scales,
+    get_format,
     round_fp4_e2m1_,
     round_fp8_e4m3_,
     round_ufloat_,
@@ -351,3 +352,25 @@ def test_minifloat_rounding_helpers_are_exact_near_ties():
     np.testing.assert_array_equal(round_ties_down_(y.clone(), 1, 0).numpy(), np.ceil(z - 0.5) * step)
     np.testing.assert_array_equal(round_half_up_(y.clone(), 1, 0).numpy(), np.floor(z + 0.5) * step)
     np.testing.assert_array_equal(round_rne_(y.clone(), 1, 0).numpy(), np.rint(z) * step)
+
+
+@pytest.mark.parametrize("args", [
+    QuantArgs(bits=4, group_size=16), QuantArgs(bits=3, group_size=16, symmetric=True),
+    QuantArgs(bits=4, group_size=16, zero_point="float"), QuantArgs(bits=3, dtype="bitmod", group_size=16),
+    QuantArgs(bits=4, dtype="bitmod", group_size=16), QuantArgs(bits=4, dtype="fp4_e2m1", group_size=16),
+    QuantArgs(bits=8, dtype="fp8_e4m3", group_size=16),
+], ids=lambda a: f"{a.dtype}{a.bits}{'sym' if a.symmetric else ''}{a.zero_point}")
+def test_bound_apply_equals_apply_column_by_column(args):
+    """bind(qp) (GPTQ's per-column path) writes what apply writes, bit for bit, on every column of
+    the groups it was bound to, called repeatedly."""
+    fmt = get_format(args.dtype)
+    g = torch.randn(12, 1, 16, generator=torch.Generator().manual_seed(5)) * torch.linspace(0.1, 4, 12).view(-1, 1, 1)
+    qp = fmt.choose_qparams(g, args)
+    full = torch.empty_like(g)
+    fmt.apply(g, qp, args, full)
+    f = fmt.bind(qp, args)
+    for c in range(16):
+        out = torch.full((12, 1, 1), float("nan"))
+        f(g[..., c: c + 1].contiguous(), out)
+        assert torch.equal(out, full[..., c: c + 1]), c
+    assert not torch.equal(full, g)  # the groups were really quantized

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor
@@ -114,10 +114,25 @@ class BitModFormat(NumberFormat):
         return QParams(scale=scale, grid=grid.to(torch.int8))
 
     def apply(self, g: Tensor, qp: QParams, args: QuantArgs, out: Tensor, scratch: Scratch | None = None) -> None:
-        base, cands = _BASES[args.bits], _CANDIDATES[args.bits]
-        table = torch.tensor([[c.extra, c.lo, c.hi] for c in cands], dtype=torch.float32, device=g.device)
+        self._apply(g, qp, args, self._grid_values(qp, args), out, scratch)
+
+    def bind(self, qp: QParams, args: QuantArgs) -> Callable[[Tensor, Tensor], None]:
+        values, scratch = self._grid_values(qp, args), Scratch()  # the groups' grid values, once
+        return lambda g, out: self._apply(g, qp, args, values, out, scratch)
+
+    @staticmethod
+    def _grid_values(qp: QParams, args: QuantArgs) -> tuple[Tensor, Tensor, Tensor]:
+        """Per group (extra value, lo, hi) of its chosen grid, each [rows, n_groups, 1]."""
+        table = torch.tensor([[c.extra, c.lo, c.hi] for c in _CANDIDATES[args.bits]], dtype=torch.float32,
+                             device=qp.scale.device)
         per_group = table[qp.grid.long().squeeze(-1)]  # [rows, n_groups, 3]
-        extra, lo, hi = (per_group[..., i : i + 1] for i in range(3))
+        return tuple(per_group[..., i : i + 1] for i in range(3))
+
+    @staticmethod
+    def _apply(g: Tensor, qp: QParams, args: QuantArgs, values: tuple[Tensor, Tensor, Tensor], out: Tensor,
+               scratch: Scratch | None) -> None:
+        base = _BASES[args.bits]
+        extra, lo, hi = values
         take, w0, w1 = (Scratch.like(scratch, n, g) for n in ("eb", "t", "y"))
         y = torch.div(g, qp.scale, out=out)
         _in_interval_(y, lo, hi, take, w0)

@@ -13,7 +13,7 @@ so it is reproduced exactly; scales are floored at SCALE_FLOOR.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor
@@ -59,8 +59,19 @@ class IntFormat(NumberFormat):
         if args.zero_point == "float":
             torch.sub(g, z, out=out).div_(s).round_().clamp_(0, qmax).mul_(s).add_(z)
             return
-        # clamp(round(x/s) + z, 0, qmax) - z == clamp(round(x/s), -z, qmax - z)  (z integral);
-        # maximum/minimum with per-group bounds (a tensor-bounded clamp is ~10x slower on CPU)
-        torch.div(g, s, out=out).round_()
-        torch.maximum(out, -z, out=out)
-        torch.minimum(out, qmax - z, out=out).mul_(s)
+        _apply_int_zero(g, s, -z, qmax - z, out)
+
+    def bind(self, qp: QParams, args: QuantArgs) -> Callable[[Tensor, Tensor], None]:
+        if args.symmetric or args.zero_point == "float":
+            return super().bind(qp, args)
+        s, lo, hi = qp.scale, -qp.zero, 2**args.bits - 1 - qp.zero  # the code bounds, once
+        return lambda g, out: _apply_int_zero(g, s, lo, hi, out)
+
+
+def _apply_int_zero(g: Tensor, s: Tensor, lo: Tensor, hi: Tensor, out: Tensor) -> None:
+    """Asymmetric INT with an integer zero point z: clamp(round(x/s) + z, 0, qmax) - z equals
+    clamp(round(x/s), lo, hi) with lo = -z, hi = qmax - z (z integral); maximum / minimum with
+    per-group bounds (a tensor-bounded clamp is ~10x slower on CPU)."""
+    torch.div(g, s, out=out).round_()
+    torch.maximum(out, lo, out=out)
+    torch.minimum(out, hi, out=out).mul_(s)

@@ -97,6 +97,13 @@ class NumberFormat:
     def apply(self, g: Tensor, qp: QParams, args: QuantArgs, out: Tensor, scratch: Scratch | None = None) -> None:
         raise NotImplementedError
 
+    def bind(self, qp: QParams, args: QuantArgs) -> Callable[[Tensor, Tensor], None]:
+        """`apply` with fixed parameters, for many calls on small slices (GPTQ quantizes one column
+        at a time with its group's parameters): returns f(g, out) writing what apply writes.
+        Formats override it to do once what depends only on the parameters."""
+        scratch = Scratch()
+        return lambda g, out: self.apply(g, qp, args, out, scratch)
+
 
 _REGISTRY: dict[str, NumberFormat] = {}
 F = TypeVar("F", bound=type)

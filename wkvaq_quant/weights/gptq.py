@@ -28,7 +28,7 @@ the quantized block's outputs, or the full-precision block's (`next_inputs`).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -109,16 +109,16 @@ class _Quantizer:
         self.args, self.fmt = args, get_format(args.dtype)
         self.per_tensor = args.granularity == "per_tensor"
 
-    def params(self, cols: Tensor) -> QParams:
-        # cols [rows, n] -> one group per row [rows, 1, n] (per tensor: [1, 1, rows * n])
-        g = cols.reshape(1, 1, -1) if self.per_tensor else cols.unsqueeze(1)
+    def params(self, cols_t: Tensor) -> QParams:
+        """Parameters of one group per weight row from its columns, given transposed: [n, rows]."""
+        # -> one group per row [rows, 1, n] (per tensor: [1, 1, rows * n])
+        g = cols_t.reshape(1, 1, -1) if self.per_tensor else cols_t.T.unsqueeze(1)
         return self.fmt.choose_qparams(g.contiguous(), self.args)
 
-    def column(self, w: Tensor, qp: QParams) -> Tensor:
-        g = w.reshape(-1, 1, 1)  # w [rows] -> [rows, 1, 1]
-        out = torch.empty_like(g)
-        self.fmt.apply(g, qp, self.args, out)
-        return out.view(-1)
+    def bind(self, qp: QParams) -> Callable[[Tensor, Tensor], None]:
+        """f(w, out): quantize one weight column w [rows] into out [rows] with `qp`."""
+        apply = self.fmt.bind(qp, self.args)
+        return lambda w, out: apply(w.view(-1, 1, 1), out.view(-1, 1, 1))
 
 
 def _hinv_(H: Tensor, percdamp: float) -> Tensor:
@@ -148,25 +148,27 @@ def gptq_weight(weight: Tensor, H: Tensor, args: QuantArgs, cfg: GptqConfig = Gp
         raise ValueError(f"GPTQ: Hessian shape {tuple(H.shape)} does not match the weight's {cols} input columns")
     quant = _Quantizer(args)
     gs = args.group_size if args.granularity == "per_group" else -1
-    W = weight.detach().to(torch.float32).clone()
-    H = H.detach().to(device=W.device, dtype=torch.float32, copy=not overwrite_H)
-    qparams: list[QParams] = [] if gs != -1 else [quant.params(W)]
+    # transposed work copies: column i of the weight is row i of WT, contiguous
+    WT = weight.detach().to(torch.float32).T.contiguous()
+    H = H.detach().to(device=WT.device, dtype=torch.float32, copy=not overwrite_H)
+    qparams: list[QParams] = [] if gs != -1 else [quant.params(WT)]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    W[:, dead] = 0
+    WT[dead] = 0
     static: list[QParams] = []
     if gs != -1 and cfg.static_groups:
-        static = [quant.params(W[:, s: s + gs]) for s in range(0, cols, gs)]
+        static = [quant.params(WT[s: s + gs]) for s in range(0, cols, gs)]
         qparams = static
-    perm = torch.arange(cols, device=W.device)
+    perm = torch.arange(cols, device=WT.device)
     if cfg.act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm]
+        WT, H = WT[perm], H[perm]
         H = H[:, perm]  # two steps: never three [in, in] copies at once
     Hinv = _hinv_(H, cfg.percdamp)  # H (our copy) becomes Hinv
-    Q = torch.zeros_like(W)
-    loss = torch.zeros((), dtype=torch.float64, device=W.device)
-    qp = qparams[0] if qparams else None
+    QT = torch.empty_like(WT)
+    loss = torch.zeros((), dtype=torch.float64, device=WT.device)
+    bound = {id(p): quant.bind(p) for p in static} if static else {}
+    column = quant.bind(qparams[0]) if qparams else None
     i1 = 0
     while i1 < cols:
         i2 = min(i1 + cfg.blocksize, cols)
@@ -174,31 +176,30 @@ def gptq_weight(weight: Tensor, H: Tensor, args: QuantArgs, cfg: GptqConfig = Gp
             last_start = (i2 - 1) // gs * gs  # a group starting inside this block must end inside it
             if i1 < last_start < cols and last_start + gs > i2 and i2 < cols:
                 i2 = last_start
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        W1 = WT[i1:i2]  # a view: these columns are final once the block is done
+        Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
             if gs != -1:
                 if cfg.static_groups:
-                    qp = static[int(perm[col]) // gs]
+                    column = bound[id(static[int(perm[col]) // gs])]
                 elif col % gs == 0:
-                    # the group's current columns: in W1 when inside the block, else W (up to date at i1)
-                    cur = W1[:, i: i + gs] if col + gs <= i2 or i2 == cols else W[:, col: col + gs]
+                    # the group's current columns: in W1 when inside the block, else WT (up to date at i1)
+                    cur = W1[i: i + gs] if col + gs <= i2 or i2 == cols else WT[col: col + gs]
                     qp = quant.params(cur)
                     qparams.append(qp)
-            w, d = W1[:, i], Hinv1[i, i]
-            q = quant.column(w, qp)
-            Q[:, col] = q
-            err = (w - q) / d
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+                    column = quant.bind(qp)
+            w, q, err = W1[i], QT[col], Err1[i]
+            column(w, q)
+            torch.sub(w, q, out=err).div_(Hinv1[i, i])
+            W1[i + 1:].addr_(Hinv1[i, i + 1:], err, alpha=-1)
         loss += Err1.double().square().sum() / 2
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        WT[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)
         i1 = i2
     if cfg.act_order:
-        Q = Q[:, torch.argsort(perm)]
-    return GptqResult(weight=Q.to(weight.dtype), loss=float(loss), qparams=qparams)
+        QT = QT[torch.argsort(perm)]
+    return GptqResult(weight=QT.T.to(weight.dtype).contiguous(), loss=float(loss), qparams=qparams)
 
 
 class _GroupDone(Exception):
