@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results_md import run_main, write_section  # noqa: E402
+from _results_md import bf16_note, run_main, write_section  # noqa: E402
 
 SECTION = "## GPTQ (bench/gptq.py)"
 SETTINGS = ((4, ()), (4, ("--act_order",)), (3, ()))
@@ -71,9 +71,12 @@ def _peer_text(args, work: Path, calib: list[str]) -> str:
     same bits, group size and ordering."""
     if not args.peer:
         return "llm-compressor's GPTQ: not measured in this run (`bench/gptq_llmcompressor.py`; JSON to `--peer`)."
+    seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else []
+    spreads: list[float] = []  # per row with seeds: max - min of our perplexity over the draws
+    seed_col = f" GPTQ ppl ours, calibration seed {', '.join(map(str, seeds))} |" if seeds else ""
     rows = ["| setting | RTN ppl | GPTQ ppl ours | GPTQ ppl llm-compressor | GPTQ time ours | GPTQ time "
-            "llm-compressor | time ours / theirs | peak RSS ours | peak RSS llm-compressor | commit |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+            "llm-compressor | time ours / theirs | peak RSS ours | peak RSS llm-compressor | commit |" + seed_col,
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|" + ("---:|" if seeds else "")]
     ours_modes = [(), ("--gptq_single_pass",)] if args.single_pass else [()]
     peers = [json.loads(Path(f).read_text()) for f in args.peer]
     for peer in peers:
@@ -95,9 +98,21 @@ def _peer_text(args, work: Path, calib: list[str]) -> str:
                         f"{ours['weight_algo_s']:.0f} s | {peer['oneshot_s']:.0f} s | "
                         f"{ours['weight_algo_s'] / peer['oneshot_s']:.2f}x | {ours['peak_rss_mb'] / 1024:.2f} GiB | "
                         f"{peer['peak_rss_mb_oneshot'] / 1024:.2f} GiB | {_commit(ours)} |")
+            if seeds:  # the spread of one setting over calibration draws (seed 0 is the row's own)
+                other = [_main_py(args, work, *w, "--weight_algo", "gptq", *calib, *flags, "--seed", str(v))
+                         for v in seeds] if needed else []
+                rows[-1] += " " + ", ".join(f"{o['results']['wiki_sample']['ppl']:.3f}" for o in other) + " |"
+                if other:
+                    ppls = [r["results"]["wiki_sample"]["ppl"] for r in (ours, *other)]
+                    spreads.append(max(ppls) - min(ppls))
     p0 = peers[0]
-    checks = "; ".join(f"{p['fake_quant_check']['module']} (W{p['bits']}, {p['actorder']}): "
+    checks = "; ".join(f"{p['fake_quant_check']['module']} (W{p['bits']}, {p['actorder']}, "
+                       f"{DTYPE_NAMES[p.get('dtype', 'float32')]}): "
                        f"{p['fake_quant_check']['max_abs_err_vs_manual_qdq']:.1e}" for p in peers)
+    seed_text = (f" The last column reruns our single pass with other calibration draws (`--seed`): GPTQ's perplexity on "
+                 f"these {args.n_windows} windows moves by up to {max(spreads):.3f} between draws of one setting "
+                 f"({', '.join(f'{v:.3f}' for v in spreads)}), so a difference of that size between ours and "
+                 f"llm-compressor is within the noise of one draw.") if spreads else ""
     cmds = "\n".join(f"    OMP_NUM_THREADS=1 /work/venvs/llmcompressor/bin/python bench/gptq_llmcompressor.py "
                      f"--bits {p['bits']} --group_size {p['group_size']} --actorder {p['actorder']} \\\n"
                      f"        --n_calib {p['n_calib']} --calib_seq_len {p['calib_seq_len']} "
@@ -107,7 +122,8 @@ def _peer_text(args, work: Path, calib: list[str]) -> str:
 `GPTQModifier(block_size=128, dampening_frac=0.01, actorder=...)` with an explicit QuantizationScheme (asymmetric
 INT, integer zero point, the bits and group size of the row; group 128 is refused by compressed-tensors on this
 model since hidden 576 is not a multiple of 128), the same {p0['n_calib']} x {p0['calib_seq_len']} calibration windows and
-evaluation windows, both single-threaded on this CPU. llm-compressor takes every group's parameters from
+evaluation windows, both single-threaded on this CPU, each pair in one model dtype (`--dtype` of both:
+calibration, GPTQ's forwards and the evaluation; Hessians and the column loop are float32 in both). llm-compressor takes every group's parameters from
 the original weight before GPTQ starts, so its actorder none is matched exactly by our `--static_groups` (our
 default chooses them from the error-updated columns when the group starts, as the reference GPTQ) and its
 actorder "static" (= "weight") by our `--act_order --static_groups`; it has no dynamic ordering for GPTQ. Its time is the `oneshot` call (calibration forwards, Hessians, GPTQ), ours `weight_algo_s` of
@@ -122,6 +138,8 @@ model was checked to compute with its fake-quantized weights (forward vs an inde
 difference: {checks}).
 
 {chr(10).join(rows)}
+
+{bf16_note()}{seed_text}
 
 {cmds}
 """
@@ -140,6 +158,9 @@ def main() -> None:
     p.add_argument("--single_pass", action="store_true",
                    help="side-by-side rows with --gptq_single_pass (one paused forward per block) for the first "
                         "flags of each actorder; other rows are shown where --work has them")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated calibration seeds: the side-by-side single-pass rows also run ours with "
+                        "each (the perplexity's spread over calibration draws)")
     p.add_argument("--write", action="store_true", help="update the section in bench/RESULTS.md")
     args = p.parse_args()
     work = Path(args.work)
@@ -159,7 +180,8 @@ def main() -> None:
                     f"{gptq['weight_algo_s']:.0f} s | {gptq['total_s']:.0f} s | {_commit(gptq)} |")
     peer_text = _peer_text(args, work, calib)
     threads = os.environ.get("OMP_NUM_THREADS", "default")
-    peer_flag = (" --peer peer-gptq-*.json" if args.peer else "") + (" --single_pass" if args.single_pass else "")
+    peer_flag = ((" --peer peer-gptq-*.json" if args.peer else "") + (" --single_pass" if args.single_pass else "")
+                 + (f" --seeds {args.seeds}" if args.seeds else ""))
     section = f"""{SECTION}
 
 Embedded SmolLM2-135M (FP32), perplexity on the first {args.n_windows} wiki_sample evaluation windows x 2048

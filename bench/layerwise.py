@@ -35,6 +35,24 @@ SIZES = {  # Llama-shaped, vocabulary of the embedded tokenizer, untied head
                num_key_value_heads=32),
 }
 VOCAB = 49152
+BOUND_ONLY = {  # Llama-2 13B / 70B shapes (vocabulary 32000): GPTQ's lower bound computed, not measured
+    "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                num_key_value_heads=40, vocab_size=32000),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=32000),
+}
+
+
+def gptq_bound(shape: dict, floor_mb: float) -> tuple[float, float]:
+    """(GiB that any GPTQ run must hold, GiB of the BF16 model) for a Llama `shape`: the import floor,
+    one BF16 block (its other weights are needed for the forward after the Linear is done) and, while
+    down_proj is quantized, its float32 Hessian and float32 working copy of the weight."""
+    h, i, n = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    block = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    model = n * block + 2 * shape.get("vocab_size", VOCAB) * h + h
+    down = 4 * i * i + 4 * h * i
+    return (floor_mb * 2**20 + 2 * block + down) / 2**30, 2 * model / 2**30
 
 WRITE = """
 import json, math, sys, torch
@@ -229,6 +247,9 @@ calibration inputs).
     shapes = "; ".join(f"{s}: hidden {SIZES[s]['hidden_size']}, intermediate {SIZES[s]['intermediate_size']}, "
                        f"{SIZES[s]['num_hidden_layers']} blocks, {SIZES[s]['num_key_value_heads']} KV heads"
                        for s in dict.fromkeys(sizes + gptq))
+    bounds = "; ".join(f"{s}: {b:.2f} of {m:.1f} GiB = **{b / m:.1%}**" + ("" if s in SIZES else " (not measured)")
+                       for s, shape in {**{s: SIZES[s] for s in dict.fromkeys(sizes + gptq)}, **BOUND_ONLY}.items()
+                       for b, m in [gptq_bound(shape, base)])
     section = f"""{SECTION}
 
 Synthetic Llama-shaped checkpoints, random BF16 weights in safetensors shards of 500 MB, vocabulary {VOCAB},
@@ -245,9 +266,11 @@ The import floor: a process that only imports torch, transformers' Llama and thi
 {base / rows_whole(work, sizes):.0%} of the whole-model run. The last column compares what each run needs above it.
 GPTQ's floor is higher: one block, and per Linear its Hessian (8192 x 8192 float32 = 0.25 GiB for
 down_proj at 1 B) plus the column loop's working copies, which the whole-model run needs too.
-At 1 B these alone bound any GPTQ run from below: the floor (0.38 GiB), down_proj's Hessian (0.25 GiB)
-and its float32 weight and result (2 x 0.06 GiB) are already a quarter of the 3.0 GiB whole-model
-run, so 90% less is out of reach there by construction; at 7 B the same parts are a far smaller share.
+These bound any GPTQ run from below, layer-wise or whole: the import floor, one BF16 block (its other
+weights are needed for the forward once a Linear is done) and, while down_proj is quantized, its float32
+Hessian and float32 working copy of the weight. As a share of the BF16 model (computed from the shapes):
+{bounds}. Below 10% of the model, i.e. 90% less than loading it whole, is out of reach by construction
+wherever that share is above 10%; only from about 13 B on can a layer-wise GPTQ run meet it.
 {partial}
 `from_pretrained` memory-maps the shards, so the whole-model peak counts the pages resident at the
 time. Times come from a shared 2-core machine (other work ran beside some rows); the memory
