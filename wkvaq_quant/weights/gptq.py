@@ -197,6 +197,7 @@ def gptq_weight(weight: Tensor, H: Tensor, args: QuantArgs, cfg: GptqConfig = Gp
         loss += Err1.double().square().sum() / 2
         WT[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)
         i1 = i2
+    del WT, W1, Err1, Hinv, Hinv1  # free the work copies before the result's copy
     if cfg.act_order:
         QT = QT[torch.argsort(perm)]
     return GptqResult(weight=QT.T.to(weight.dtype).contiguous(), loss=float(loss), qparams=qparams)
