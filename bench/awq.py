@@ -127,6 +127,9 @@ def _peer_text(args, windows, work: Path) -> str:
                     f"        --group_size {g} --n_calib {peer['n_calib']} --calib_seq_len {peer['calib_seq_len']} "
                     f"--n_grid {peer['n_grid']} \\\n        --n_windows {peer['n_windows']}{dflag} --out {Path(f).name}")
     p0 = peers[0]
+    bf16 = any(p.get("dtype") == "bfloat16" for p in peers)
+    bf16_text = (" In BF16 those multiply-adds are cheap and the per-candidate weight quantization, where our "
+                 "formats do fewer passes, is a larger share of both runs.") if bf16 else ""
     checks = "; ".join(f"{DTYPE_NAMES[p.get('dtype', 'float32')]} `{p['fake_quant_check']['module']}`: forward "
                        f"equals an independent dequantization to {p['fake_quant_check']['max_abs_err_vs_manual_qdq']:.1e}, "
                        f"differs from the stored FP weight by {p['fake_quant_check']['max_abs_diff_vs_stored_weight']:.2g}"
@@ -150,13 +153,12 @@ with its fake-quantized weights ({checks}).
 {nl.join(rows)}
 
 Goal (our time at most half of llm-compressor's): {"; ".join(goals)}.
-{bf16_note()}
+{bf16_note() if bf16 else ""}
 
 In FP32 a cProfile of 5 blocks (W4 g64, 8 x 256 tokens) puts about 77% of our time in the scale search (one forward of the
 inspected attention / MLP / Linear per grid point over every calibration token: the multiply-adds llm-compressor's
 search spends too), about 9% in the clip search (llm-compressor has no clip search), about 6% in recording the
-block's inputs and 7% in the forward for the next block's inputs. In BF16 those multiply-adds are cheap and the
-per-candidate weight quantization, where our formats do fewer passes, is a larger share of both runs. The
+block's inputs and 7% in the forward for the next block's inputs.{bf16_text} The
 g{args.group_size} rows above were measured in an earlier session (before the Gram-matrix clip errors) under a
 different load of the shared machine; the pairs here ran back to back.
 

@@ -247,6 +247,10 @@ calibration inputs).
     shapes = "; ".join(f"{s}: hidden {SIZES[s]['hidden_size']}, intermediate {SIZES[s]['intermediate_size']}, "
                        f"{SIZES[s]['num_hidden_layers']} blocks, {SIZES[s]['num_key_value_heads']} KV heads"
                        for s in dict.fromkeys(sizes + gptq))
+    shares = {s: b / m for s, shape in {**{s: SIZES[s] for s in dict.fromkeys(sizes + gptq)}, **BOUND_ONLY}.items()
+              for b, m in [gptq_bound(shape, base)]}
+    over = ", ".join(s for s, v in shares.items() if v > 0.1) or "none"
+    under = ", ".join(s for s, v in shares.items() if v <= 0.1) or "none"
     bounds = "; ".join(f"{s}: {b:.2f} of {m:.1f} GiB = **{b / m:.1%}**" + ("" if s in SIZES else " (not measured)")
                        for s, shape in {**{s: SIZES[s] for s in dict.fromkeys(sizes + gptq)}, **BOUND_ONLY}.items()
                        for b, m in [gptq_bound(shape, base)])
@@ -269,8 +273,8 @@ down_proj at 1 B) plus the column loop's working copies, which the whole-model r
 These bound any GPTQ run from below, layer-wise or whole: the import floor, one BF16 block (its other
 weights are needed for the forward once a Linear is done) and, while down_proj is quantized, its float32
 Hessian and float32 working copy of the weight. As a share of the BF16 model (computed from the shapes):
-{bounds}. Below 10% of the model, i.e. 90% less than loading it whole, is out of reach by construction
-wherever that share is above 10%; only from about 13 B on can a layer-wise GPTQ run meet it.
+{bounds}. Where that share is above 10% ({over}), 90% less than loading the model whole is out of reach for
+GPTQ by construction; below it ({under}) a layer-wise GPTQ run can meet it.
 {partial}
 `from_pretrained` memory-maps the shards, so the whole-model peak counts the pages resident at the
 time. Times come from a shared 2-core machine (other work ran beside some rows); the memory
