@@ -66,7 +66,7 @@ def check_fake_quantized(model: nn.Module, bits: int) -> dict[str, Any]:
                            f"the model does not compute with the quantized weights")
     return {"module": name, "max_abs_err_vs_manual_qdq": err_deq, "max_abs_diff_vs_stored_weight": err_plain,
             "stored_weight_on_grid": bool(
-                (lin.weight.float() - deq.float()).abs().max().item() < 1e-6)}
+                (lin.weight.float() - deq).abs().max().item() < 1e-6)}
 
 
 def _cpu_only_workarounds() -> list[str]:

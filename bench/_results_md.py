@@ -33,6 +33,16 @@ def run_main(flags: list[str], results_dir: str | Path) -> dict:
     return record
 
 
+DTYPE_NAMES = {"float32": "FP32", "bfloat16": "BF16"}
+"""Labels of the model dtypes a side-by-side pair with llm-compressor can run in (`--dtype` of both)."""
+
+
+def dtype_flags(dtype: str) -> list[str]:
+    """The `--dtype` flags of our scripts and the peer scripts for a model dtype; none for the
+    default float32."""
+    return [] if dtype == "float32" else ["--dtype", dtype]
+
+
 def bf16_note(tokens: int = 2048, k: int = 576, n: int = 1536, reps: int = 10) -> str:
     """A sentence on how much faster this CPU multiplies in bfloat16 than in float32, measured now
     on one single-threaded Linear of the embedded model's MLP shape (best of `reps`)."""

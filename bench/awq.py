@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results_md import bf16_note, write_section  # noqa: E402
+from _results_md import DTYPE_NAMES, bf16_note, dtype_flags, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,8 +37,6 @@ from wkvaq_quant.results import atomic_write_json  # noqa: E402
 from wkvaq_quant.weights.rtn import rtn_quantize  # noqa: E402
 
 SETTINGS = [(4, "int"), (4, "bitmod"), (3, "int"), (3, "bitmod")]
-DTYPE_NAMES = {"float32": "FP32", "bfloat16": "BF16"}
-"""Labels of the model dtypes a side-by-side pair can run in (`--dtype` of both)."""
 
 
 def _suffix(model_dtype: str) -> str:
@@ -63,7 +61,7 @@ def _awq_run(args, bits: int, dtype: str, work: Path, group_size: int, model_dty
            str(group_size), "--wq_dtype", dtype, "--n_calib", str(args.n_calib), "--calib_seq_len",
            str(args.calib_seq_len), "--n_grid", str(args.n_grid), "--batch_size", str(args.n_calib),
            "--run_awq", "--dump_awq", str(work / f"{tag}.pt"), "--dump_fake", str(out), "--no_progress",
-           "--dtype", model_dtype]
+           *dtype_flags(model_dtype)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
@@ -122,7 +120,7 @@ def _peer_text(args, windows, work: Path) -> str:
                  f"{peer['peak_rss_mb_oneshot'] / 1024:.2f} GiB |",
                  f"| {name}: ours / llm-compressor | | {awq['ppl'] / peer['ppl']:.3f}x | **{ratio:.2f}x** | |"]
         goals.append(f"{DTYPE_NAMES[model_dtype]} {'met' if ratio <= 0.5 else 'not met'} ({ratio:.2f}x)")
-        dflag = "" if model_dtype == "float32" else f" --dtype {model_dtype}"
+        dflag = "".join(f" {f}" for f in dtype_flags(model_dtype))
         cmds.append(f"    OMP_NUM_THREADS=1 /work/venvs/llmcompressor/bin/python bench/awq_llmcompressor.py --bits {bits} \\\n"
                     f"        --group_size {g} --n_calib {peer['n_calib']} --calib_seq_len {peer['calib_seq_len']} "
                     f"--n_grid {peer['n_grid']} \\\n        --n_windows {peer['n_windows']}{dflag} --out {Path(f).name}")

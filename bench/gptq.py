@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results_md import bf16_note, run_main, write_section  # noqa: E402
+from _results_md import DTYPE_NAMES, bf16_note, dtype_flags, run_main, write_section  # noqa: E402
 
 SECTION = "## GPTQ (bench/gptq.py)"
 SETTINGS = ((4, ()), (4, ("--act_order",)), (3, ()))
@@ -39,15 +39,6 @@ PEER_FLAGS = {"none": ((), ("--static_groups",)), "static": (("--act_order", "--
 parameters from the original weight, so "none" is matched exactly by our `--static_groups` (our
 default chooses them from the updated columns), and "static" (= "weight": act order, each column keeps
 its own group) by our `--act_order --static_groups`."""
-
-
-DTYPE_NAMES = {"float32": "FP32", "bfloat16": "BF16"}
-"""Row labels of the model dtypes a side-by-side pair can run in (`--dtype` of both)."""
-
-
-def _dtype_flags(dtype: str) -> list[str]:
-    """main.py's (and the peer script's) flags for the model dtype; none for the default float32."""
-    return [] if dtype == "float32" else ["--dtype", dtype]
 
 
 def _peer_name(peer: dict) -> str:
@@ -85,7 +76,7 @@ def _peer_text(args, work: Path, calib: list[str]) -> str:
             if peer[key] != ours:
                 raise ValueError(f"--peer: {key} {peer[key]} differs from ours ({ours})")
         bits, g, order, dtype = peer["bits"], peer["group_size"], peer["actorder"], peer.get("dtype", "float32")
-        w = ["--w_bits", str(bits), "--w_group_size", str(g), *_dtype_flags(dtype)]
+        w = ["--w_bits", str(bits), "--w_group_size", str(g), *dtype_flags(dtype)]
         rtn = _main_py(args, work, *w)["results"]["wiki_sample"]["ppl"]
         for j, flags in enumerate(f + mode for f in PEER_FLAGS[order] for mode in ours_modes):
             needed = not args.single_pass or j == 1  # with --single_pass: the first flags' single pass
@@ -116,7 +107,7 @@ def _peer_text(args, work: Path, calib: list[str]) -> str:
     cmds = "\n".join(f"    OMP_NUM_THREADS=1 /work/venvs/llmcompressor/bin/python bench/gptq_llmcompressor.py "
                      f"--bits {p['bits']} --group_size {p['group_size']} --actorder {p['actorder']} \\\n"
                      f"        --n_calib {p['n_calib']} --calib_seq_len {p['calib_seq_len']} "
-                     f"--n_windows {p['n_windows']}{' '.join(['', *_dtype_flags(p.get('dtype', 'float32'))])} "
+                     f"--n_windows {p['n_windows']}{' '.join(['', *dtype_flags(p.get('dtype', 'float32'))])} "
                      f"--out {_peer_name(p)}" for p in peers)
     return f"""llm-compressor {p0['llmcompressor']} (compressed-tensors {p0['compressed_tensors']}) side by side:
 `GPTQModifier(block_size=128, dampening_frac=0.01, actorder=...)` with an explicit QuantizationScheme (asymmetric

@@ -247,13 +247,12 @@ calibration inputs).
     shapes = "; ".join(f"{s}: hidden {SIZES[s]['hidden_size']}, intermediate {SIZES[s]['intermediate_size']}, "
                        f"{SIZES[s]['num_hidden_layers']} blocks, {SIZES[s]['num_key_value_heads']} KV heads"
                        for s in dict.fromkeys(sizes + gptq))
-    shares = {s: b / m for s, shape in {**{s: SIZES[s] for s in dict.fromkeys(sizes + gptq)}, **BOUND_ONLY}.items()
-              for b, m in [gptq_bound(shape, base)]}
-    over = ", ".join(s for s, v in shares.items() if v > 0.1) or "none"
-    under = ", ".join(s for s, v in shares.items() if v <= 0.1) or "none"
+    bound = {s: gptq_bound(shape, base)  # (GiB held, GiB of the model) per size
+             for s, shape in {**{s: SIZES[s] for s in dict.fromkeys(sizes + gptq)}, **BOUND_ONLY}.items()}
+    over = ", ".join(s for s, (b, m) in bound.items() if b / m > 0.1) or "none"
+    under = ", ".join(s for s, (b, m) in bound.items() if b / m <= 0.1) or "none"
     bounds = "; ".join(f"{s}: {b:.2f} of {m:.1f} GiB = **{b / m:.1%}**" + ("" if s in SIZES else " (not measured)")
-                       for s, shape in {**{s: SIZES[s] for s in dict.fromkeys(sizes + gptq)}, **BOUND_ONLY}.items()
-                       for b, m in [gptq_bound(shape, base)])
+                       for s, (b, m) in bound.items())
     section = f"""{SECTION}
 
 Synthetic Llama-shaped checkpoints, random BF16 weights in safetensors shards of 500 MB, vocabulary {VOCAB},

@@ -167,8 +167,8 @@ def gptq_weight(weight: Tensor, H: Tensor, args: QuantArgs, cfg: GptqConfig = Gp
     Hinv = _hinv_(H, cfg.percdamp)  # H (our copy) becomes Hinv
     QT = torch.empty_like(WT)
     loss = torch.zeros((), dtype=torch.float64, device=WT.device)
-    bound = {id(p): quant.bind(p) for p in static} if static else {}
-    column = quant.bind(qparams[0]) if qparams else None
+    static_columns = [quant.bind(p) for p in static]
+    column = quant.bind(qparams[0]) if gs == -1 else None
     i1 = 0
     while i1 < cols:
         i2 = min(i1 + cfg.blocksize, cols)
@@ -183,7 +183,7 @@ def gptq_weight(weight: Tensor, H: Tensor, args: QuantArgs, cfg: GptqConfig = Gp
             col = i1 + i
             if gs != -1:
                 if cfg.static_groups:
-                    column = bound[id(static[int(perm[col]) // gs])]
+                    column = static_columns[int(perm[col]) // gs]
                 elif col % gs == 0:
                     # the group's current columns: in W1 when inside the block, else WT (up to date at i1)
                     cur = W1[i: i + gs] if col + gs <= i2 or i2 == cols else WT[col: col + gs]
