@@ -1,5 +1,6 @@
-"""What AWQ records from one forward pass of a decoder block: the input of every decoder Linear
-and the call arguments of the modules whose output error the scale search measures."""
+"""What AWQ records from one forward pass of a decoder block: the input of every decoder Linear,
+the call arguments and outputs of the modules whose output error the scale search measures, and
+the block's own outputs (the next block's inputs: one forward serves all three)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,15 @@ class BlockFeatures:
     """inputs: per Linear (name relative to the block) its input per batch [b, T, in]; Linears fed
     by the same tensor (q/k/v, gate/up) share its memory.
     calls: per inspected non-Linear module (attention, MLP) the arguments it was called with per
-    batch, without its hidden-states input: (other positional args, keyword args)."""
+    batch, without its hidden-states input: (other positional args, keyword args).
+    outputs: per inspected non-Linear module its full-precision output per batch (the reference
+    of the scale search).
+    block_outputs: the block's output per batch."""
 
     inputs: dict[str, list[Tensor]] = field(default_factory=dict)
     calls: dict[str, list[tuple[tuple, dict[str, Any]]]] = field(default_factory=dict)
+    outputs: dict[str, list[Tensor]] = field(default_factory=dict)
+    block_outputs: list[Tensor] = field(default_factory=list)
 
     def call(self, module: nn.Module, name: str, batch: int, x: Tensor) -> Tensor:
         """Output of `module` (named `name` in the block) on input `x` of batch `batch`."""
@@ -46,8 +52,9 @@ class BlockFeatures:
 def collect_features(block: nn.Module, inputs: BlockInputs, device: torch.device | str,
                      linears: list[str], modules: list[str]) -> BlockFeatures:
     """Run `block` (already on `device`) over every batch of `inputs`, recording the inputs of
-    `linears` and the call arguments of `modules` (names relative to the block)."""
-    feats = BlockFeatures({n: [] for n in linears}, {n: [] for n in modules})
+    `linears`, the call arguments and outputs of `modules` (names relative to the block) and the
+    block's outputs."""
+    feats = BlockFeatures({n: [] for n in linears}, {n: [] for n in modules}, {n: [] for n in modules})
     handles = []
 
     def linear_hook(name: str):
@@ -64,13 +71,19 @@ def collect_features(block: nn.Module, inputs: BlockInputs, device: torch.device
             feats.calls[name].append((rest, kw))
         return hook
 
+    def output_hook(name: str):
+        def hook(_m: nn.Module, _args: tuple, out: Any) -> None:
+            feats.outputs[name].append(block_output(out).detach())
+        return hook
+
     try:
         for n in linears:
             handles.append(block.get_submodule(n).register_forward_pre_hook(linear_hook(n)))
         for n in modules:
             handles.append(block.get_submodule(n).register_forward_pre_hook(module_hook(n), with_kwargs=True))
+            handles.append(block.get_submodule(n).register_forward_hook(output_hook(n)))
         for h, kw in inputs.batches(device):
-            block(h, **kw)
+            feats.block_outputs.append(block_output(block(h, **kw)).detach())
     finally:
         for h in handles:
             h.remove()

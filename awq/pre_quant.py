@@ -4,7 +4,7 @@ run_awq visits the decoder blocks in order, one on `device` at a time. For each 
 the full-precision block over the captured inputs recording every Linear's input, searches the
 scales of each group (auto_scale), folds them in, divides the recorded inputs by them, searches
 the clip values of every Linear but q/k (auto_clip) and clamps the weights. The next block sees
-the full-precision block's outputs, as in llm-awq. The model is left scaled and clipped (not
+the full-precision block's outputs (recorded in that same forward), as in llm-awq. The model is left scaled and clipped (not
 quantized); `wkvaq_quant.weights.rtn.rtn_quantize` quantizes it afterwards.
 
 Linears whose weight setting is off (`plan.linear_args(...)[0]` at 16 bits, e.g. through a
@@ -41,18 +41,21 @@ def _module_names(model: nn.Module) -> dict[int, str]:
 @torch.no_grad()
 def awq_block(block: nn.Module, prefix: str, index: int, inputs: BlockInputs, plan: QuantPlan,
                device: torch.device | str, n_grid: int, max_shrink: float, n_sample_token: int,
-               out: dict[str, Any]) -> None:
+               out: dict[str, Any]) -> BlockInputs:
     """Search and fold the scales, then search and apply the clips, of decoder block `index`
-    (module name `prefix`) on its inputs, in place; the entries go into out["scale"] / out["clip"]."""
+    (module name `prefix`) on its inputs, in place; the entries go into out["scale"] / out["clip"].
+    Returns the block's full-precision outputs (the next block's inputs, as in llm-awq), recorded
+    in the forward that records the Linears' inputs."""
     attn, mlp = block_parts(block)
     lin_names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear) and n.startswith((attn, mlp))]
     w_args: dict[str, QuantArgs] = {n: plan.linear_args(index, n.rsplit(".", 1)[-1])[0] for n in lin_names}
     # a group is searched only when every linear it changes (its own, and a previous Linear) is quantized
     groups = [g for g in scale_groups(block)
               if all(w_args[n].enabled for n in g.layers) and w_args.get(g.prev, w_args[g.layers[0]]).enabled]
-    if not any(a.enabled for a in w_args.values()):
-        return
     feats = collect_features(block, inputs, device, lin_names, [attn, mlp])
+    fp_out = inputs.with_hidden(feats.block_outputs)
+    if not any(a.enabled for a in w_args.values()):
+        return fp_out
     for g in groups:
         found = search_scale(block, g, feats, w_args, n_grid)
         fold_scales(block.get_submodule(g.prev), [block.get_submodule(n) for n in g.layers], found.scales)
@@ -66,7 +69,7 @@ def awq_block(block: nn.Module, prefix: str, index: int, inputs: BlockInputs, pl
         max_val = search_clip(lin.weight, feats.inputs[n], w_args[n], n_grid, max_shrink, n_sample_token).cpu()
         clip_weight(lin, max_val, w_args[n].group_size)
         out["clip"][f"{prefix}.{n}"] = {"max_val": max_val, "group_size": w_args[n].group_size}
-    del feats
+    return fp_out
 
 
 def run_awq(model: nn.Module, plan: QuantPlan, calib_ids: Tensor, model_id: str, device: torch.device | str = "cpu",
@@ -82,10 +85,12 @@ def run_awq(model: nn.Module, plan: QuantPlan, calib_ids: Tensor, model_id: str,
     out: dict[str, Any] = {"scale": {}, "clip": {}}
     inputs = capture_block_inputs(model, calib_ids, device, batch_size)
 
-    def process(i: int, block: nn.Module, block_inputs: BlockInputs) -> None:
-        awq_block(block, names[id(block)], i, block_inputs, plan, device, n_grid, max_shrink, n_sample_token, out)
+    def process(i: int, block: nn.Module, block_inputs: BlockInputs) -> BlockInputs:
+        return awq_block(block, names[id(block)], i, block_inputs, plan, device, n_grid, max_shrink, n_sample_token,
+                         out)
 
-    for_each_block(model, inputs, process, device, next_inputs="fp", progress=progress, desc="AWQ blocks")
+    for_each_block(model, inputs, process, device, next_inputs="fp", progress=progress, desc="AWQ blocks",
+                   fp_outputs_from_process=True)
     out["grid"] = _grids_after(model, plan, device) if record_grids else {}
     out["meta"] = cache_meta(model, model_id, plan, {
         "n_grid": n_grid, "max_shrink": max_shrink, "n_sample_token": n_sample_token,

@@ -13,7 +13,7 @@ from awq.apply import fold_scales
 from awq.cache import load_cache, save_cache
 from awq.pre_quant import apply_awq, run_awq
 from awq.structure import scale_groups
-from tests.awq.helpers import calib_ids, planted_model
+from tests.awq.helpers import OUTLIERS, calib_ids, planted_model
 from tests.modeling.conftest import build_tiny
 from wkvaq_quant.config import QuantArgs, QuantPlan
 from wkvaq_quant.formats.bitmod import BITMOD_GRIDS
@@ -189,6 +189,89 @@ def test_recorded_inputs_follow_the_folded_scales():
     fresh = collect_features(block, inputs, "cpu", lins, ["self_attn", "mlp"])
     for n in lins:
         torch.testing.assert_close(torch.cat(feats.inputs[n]), torch.cat(fresh.inputs[n]), rtol=1e-5, atol=1e-5)
+
+
+def _double(obj):
+    """obj with every floating tensor inside (tuples, dicts) in float64."""
+    if isinstance(obj, torch.Tensor):
+        return obj.double() if obj.is_floating_point() else obj
+    if isinstance(obj, tuple):
+        return tuple(_double(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _double(v) for k, v in obj.items()}
+    return obj
+
+
+def _scale_losses_reference(block, group, feats, args, n_grid):
+    """Slow reference of one scale search: per alpha, the float64 mean squared difference between
+    the inspected module's output with the group's weights set to Q(W * s) / s and with the
+    original weights, each from an explicit forward of a float64 copy of the block."""
+    from awq.auto_scale import activation_mean
+    from wkvaq_quant.quantize import fake_quantize
+
+    ref_block = copy.deepcopy(block).double()
+    inspect = ref_block.get_submodule(group.inspect)
+    xs = feats.inputs[group.layers[0]]
+    x_mean = activation_mean(xs)
+
+    def outputs(b, x):
+        if isinstance(inspect, torch.nn.Linear):
+            return inspect(x.double())
+        rest, kw = feats.calls[group.inspect][b]
+        out = inspect(x.double(), *_double(rest), **_double(kw))
+        return out[0] if isinstance(out, tuple) else out
+
+    with torch.no_grad():
+        fp = [outputs(b, x) for b, x in enumerate(xs)]
+        losses = []
+        for r in range(n_grid):
+            s = x_mean.pow(r / n_grid).clamp(min=1e-4)
+            s = (s / (s.max() * s.min()).sqrt()).view(1, -1)
+            for name in group.layers:
+                w0 = block.get_submodule(name).weight
+                ref_block.get_submodule(name).weight.copy_((fake_quantize(w0 * s, args) / s).double())
+            sq = sum(float((outputs(b, x) - fp[b]).pow(2).sum()) for b, x in enumerate(xs))
+            losses.append(sq / sum(f.numel() for f in fp))
+    return losses
+
+
+@pytest.mark.parametrize("n_calib,seq", [(2, 16), (8, 64)], ids=["direct", "gram"])
+def test_scale_search_losses_equal_an_explicit_reference(n_calib, seq):
+    """Every group's loss per alpha (from the recorded reference outputs; o_proj / down_proj from
+    the weight change alone, per batch with few tokens and through the inputs' Gram matrix with many)
+    equals an explicit float64 forward of the inspected module, and the search keeps the smallest."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from awq.auto_scale import _LinearError, search_scale
+    from awq.features import collect_features
+
+    torch.manual_seed(0)
+    mha = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=4, head_dim=16)).eval()
+    block = mha.model.layers[0]
+    with torch.no_grad():
+        block.input_layernorm.weight[list(OUTLIERS[:2])] *= 30.0
+    inputs = capture_block_inputs(mha, calib_ids(n_calib, seq), batch_size=2)
+    lins = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    feats = collect_features(block, inputs, "cpu", lins, ["self_attn", "mlp"])
+    args = _plan(3, "int", 16).w
+    w_args = {n: args for n in lins}
+    groups = scale_groups(block)
+    assert len(groups) == 4
+    n_grid = 5
+    gram = n_calib * seq > 200
+    with torch.no_grad():
+        for g in groups:
+            if g.layers == (g.inspect,):
+                lin = block.get_submodule(g.inspect)
+                assert (_LinearError(feats.inputs[g.inspect], lin.out_features, n_grid).gram is not None) == gram
+            expected = _scale_losses_reference(block, g, feats, args, n_grid)
+            found = search_scale(block, g, feats, w_args, n_grid)
+            torch.testing.assert_close(torch.tensor(found.losses, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64),
+                                       rtol=2e-4, atol=0)
+            assert found.alpha == int(torch.tensor(expected).argmin()) / n_grid, (g.prev, found.losses, expected)
+            fold_scales(block.get_submodule(g.prev), [block.get_submodule(n) for n in g.layers], found.scales)
+            feats.divide_inputs(g.layers, found.scales)
 
 
 def _clip_errors_reference(weight, x, args, n_grid, max_shrink):

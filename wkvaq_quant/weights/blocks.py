@@ -203,7 +203,7 @@ def _device_of(module: nn.Module) -> torch.device:
 def for_each_block(model: nn.Module, inputs: BlockInputs,
                    process: Callable[[int, nn.Module, BlockInputs], BlockInputs | None],
                    device: torch.device | str = "cpu", next_inputs: str = "quantized", progress: bool = True,
-                   desc: str = "blocks") -> BlockInputs:
+                   desc: str = "blocks", fp_outputs_from_process: bool = False) -> BlockInputs:
     """Call `process(i, block, inputs_of_block_i)` for every decoder block in order, with that block
     (alone) moved to `device`; returns the inputs the block after the last would see.
 
@@ -215,19 +215,29 @@ def for_each_block(model: nn.Module, inputs: BlockInputs,
     for i, block in enumerate(tqdm(decoder_blocks(model), desc=desc, disable=not progress)):
         home = _device_of(block)
         block.to(device)
-        inputs = advance_block(block, i, inputs, process, device, next_inputs)
+        inputs = advance_block(block, i, inputs, process, device, next_inputs, fp_outputs_from_process)
         block.to(home)
     return inputs
 
 
 def advance_block(block: nn.Module, index: int, inputs: BlockInputs,
                   process: Callable[[int, nn.Module, BlockInputs], BlockInputs | None], device: torch.device | str,
-                  next_inputs: str) -> BlockInputs:
+                  next_inputs: str, fp_outputs_from_process: bool = False) -> BlockInputs:
     """`process(index, block, inputs)`, then the inputs of the next block: the outputs of the block
     as `process` left it ("quantized") or as it was before ("fp"). The old inputs are discarded.
 
     `process` may return the block's outputs on `inputs` as it leaves the block (GPTQ's single
-    pass computes them on the way); they are used instead of running the block once more."""
+    pass computes them on the way); they are used instead of running the block once more. With
+    `fp_outputs_from_process` it returns, and must, the outputs of the block before it changed it
+    (AWQ records them in the forward it runs anyway); they are the "fp" next inputs."""
+    if fp_outputs_from_process:
+        if next_inputs != "fp":
+            raise ValueError("fp_outputs_from_process needs next_inputs='fp'")
+        produced = process(index, block, inputs)
+        if produced is None:
+            raise RuntimeError(f"block {index}: process returned no full-precision outputs")
+        inputs.discard()
+        return produced
     fp_out = run_block(block, inputs, device) if next_inputs == "fp" else None
     produced = process(index, block, inputs)
     if fp_out is not None:

@@ -315,7 +315,8 @@ def quantize_layer_wise(src: str | Path, out: str | Path, plan: QuantPlan, algo:
         else:
             _load_block(sk, i, ckpt, dtype)
             block = sk.blocks[i].to(device)
-            inputs = advance_block(block, i, inputs, _calibrated(sk, plan, algo, device), device, algo.next_inputs)
+            inputs = advance_block(block, i, inputs, _calibrated(sk, plan, algo, device), device, algo.next_inputs,
+                                   fp_outputs_from_process=algo.name == "awq")
             block.to("cpu")
             state["shards"][str(i)] = _write_block(sk, i, out, *_module_block(sk, i))
             _release_block(sk, i)
@@ -337,13 +338,14 @@ def _calibrated(sk: _Skeleton, plan: QuantPlan, algo: WeightAlgo, device: str) -
         lins = [(short, lin) for b, short, _, lin in block_linears(sk.model) if b == i]
         return gptq_block(block, i, lins, inputs, plan, algo.gptq, device).outputs
 
-    def awq(i: int, block: nn.Module, inputs: BlockInputs) -> None:
+    def awq(i: int, block: nn.Module, inputs: BlockInputs) -> BlockInputs:
         from awq.pre_quant import awq_block
 
         a = algo.awq
-        awq_block(block, sk.prefixes[i], i, inputs, plan, device, a.n_grid, a.max_shrink, a.n_sample_token,
-                  {"scale": {}, "clip": {}})
+        fp_out = awq_block(block, sk.prefixes[i], i, inputs, plan, device, a.n_grid, a.max_shrink, a.n_sample_token,
+                           {"scale": {}, "clip": {}})
         rtn_quantize(sk.model, plan, blocks={i})
+        return fp_out
 
     return {"gptq": gptq, "awq": awq}[algo.name]
 
