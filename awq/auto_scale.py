@@ -16,6 +16,11 @@ The full-precision output of the attention / MLP is the one recorded in the bloc
 from D alone, without subtracting two nearly equal outputs, either directly per batch or, when
 fewer multiply-adds, as mean_t (x_t D^T)^2 = sum(D G * D) / out with G = X^T X / n_tokens the
 inputs' Gram matrix, formed once per group (tokens > in_features: always at llm-awq's 128 x 512).
+
+With a lower `search_dtype` (--search_dtype bfloat16 / float16) the attention / MLP forwards of the
+search compute only each Linear's output *change* in that dtype, on top of its recorded output
+(_Perturbed): the rounding of the lower dtype touches the change, a few percent of the output,
+and the products run at that dtype's speed (AMX on CPUs, tensor cores on GPUs).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from awq.features import BlockFeatures
@@ -61,10 +67,11 @@ def _candidate_scales(x_mean: Tensor, n_grid: int):
 
 class _LinearError:
     """Mean squared output error of a Linear whose weight changes by D, on the recorded inputs xs:
-    mean over tokens and outputs of (x D^T)^2, per batch or through the Gram matrix of the inputs,
-    whichever takes fewer multiply-adds for n_grid candidates (see the module docstring)."""
+    mean over tokens and outputs of (x D^T)^2, per batch (products in `dtype`, default the inputs')
+    or through the Gram matrix of the inputs (float32), whichever takes fewer multiply-adds for
+    n_grid candidates (see the module docstring)."""
 
-    def __init__(self, xs: list[Tensor], out_features: int, n_grid: int) -> None:
+    def __init__(self, xs: list[Tensor], out_features: int, n_grid: int, dtype: torch.dtype | None = None) -> None:
         c = xs[0].shape[-1]
         self.xs = [x.reshape(-1, c) for x in xs]
         self.n_tokens = sum(x.shape[0] for x in self.xs)
@@ -78,6 +85,8 @@ class _LinearError:
                 xf = x.float()
                 g.addmm_(xf.T, xf)
             self.gram = g.div_(self.n_tokens)
+        elif dtype is not None:
+            self.xs = [x.to(dtype) for x in self.xs]
 
     def __call__(self, d: Tensor) -> float:
         if self.gram is not None:
@@ -87,30 +96,100 @@ class _LinearError:
         return sq / (self.n_tokens * self.out_features)
 
 
+class _Perturbed:
+    """The search of a group in a lower `dtype` (--search_dtype): while it is open, every Linear
+    inside the inspected module returns its recorded full-precision output y_ref plus the change of
+    that output, with the product in `dtype` (float32 accumulation):
+
+        a Linear of the group (fed by its recorded input x_ref):   y_ref + x_ref (W' - W)^T
+        a Linear after them (o_proj, down_proj; its input changed): y_ref + (x - x_ref) W^T
+
+    Only the change, a few percent of the output, carries the lower precision's rounding; the
+    attention, activation and the rest run as before. `set_weight` gives a group Linear its
+    candidate weight W' (the module's own weight is not touched)."""
+
+    def __init__(self, inspect: nn.Module, inspect_name: str, layers: tuple[str, ...], feats: BlockFeatures,
+                 dtype: torch.dtype) -> None:
+        self.batch = 0
+        self.dtype = dtype
+        self.feats = feats
+        self.delta: dict[str, Tensor] = {}
+        self.patched: list[nn.Linear] = []
+        shared: dict[int, list[Tensor]] = {}  # q/k/v (gate/up) share one input: one low-precision copy
+        self.x_low: dict[str, list[Tensor]] = {}
+        for rel, lin in inspect.named_modules():
+            if not isinstance(lin, nn.Linear):
+                continue
+            name = f"{inspect_name}.{rel}"
+            if name in layers:
+                xs = feats.inputs[name]
+                self.x_low[name] = shared.setdefault(xs[0].data_ptr(), [x.to(dtype) for x in xs])
+                lin.forward = self._changed_weight(name)
+            else:
+                lin.forward = self._changed_input(name, lin.weight.detach().to(dtype))
+            self.patched.append(lin)
+        missing = [n for n in layers if n not in self.x_low]
+        if missing:
+            self.close()
+            raise ValueError(f"--search_dtype: {missing} are not inside {inspect_name}")
+
+    def _changed_weight(self, name: str):
+        def forward(x: Tensor) -> Tensor:
+            b = self.batch
+            if x.data_ptr() != self.feats.inputs[name][b].data_ptr():
+                raise RuntimeError(f"AWQ --search_dtype: {name} was not fed its recorded input")
+            return torch.add(self.feats.linear_outputs[name][b], F.linear(self.x_low[name][b], self.delta[name]))
+        return forward
+
+    def _changed_input(self, name: str, w_low: Tensor):
+        def forward(x: Tensor) -> Tensor:
+            b = self.batch
+            dx = torch.sub(x, self.feats.inputs[name][b], out=torch.empty(x.shape, dtype=self.dtype, device=x.device))
+            return torch.add(self.feats.linear_outputs[name][b], F.linear(dx, w_low))
+        return forward
+
+    def set_weight(self, name: str, w: Tensor, w0: Tensor) -> None:
+        self.delta[name] = (w - w0).to(self.dtype)
+
+    def close(self) -> None:
+        for lin in self.patched:
+            del lin.forward
+        self.patched = []
+
+
 @torch.no_grad()
 def search_scale(block: nn.Module, group: ScaleGroup, feats: BlockFeatures, w_args: dict[str, QuantArgs],
-                 n_grid: int = 20) -> ScaleSearch:
-    """Grid search of the AWQ scales of `group` (see the module docstring)."""
+                 n_grid: int = 20, search_dtype: torch.dtype | None = None) -> ScaleSearch:
+    """Grid search of the AWQ scales of `group` (see the module docstring). With `search_dtype`, the
+    changes of the Linears' outputs are computed in that dtype (_Perturbed; `feats` must hold the
+    Linears' outputs), otherwise everything runs in the model's dtype."""
     if n_grid <= 0:
         raise ValueError(f"n_grid must be positive, got {n_grid}")
     xs = feats.inputs[group.layers[0]]
     x_mean = activation_mean(xs)
     linears: list[nn.Linear] = [block.get_submodule(n) for n in group.layers]
     if group.layers == (group.inspect,):
-        return _search_linear(linears[0], group.layers, w_args[group.inspect], xs, x_mean, n_grid)
+        return _search_linear(linears[0], group.layers, w_args[group.inspect], xs, x_mean, n_grid, search_dtype)
     inspect = block.get_submodule(group.inspect)
     reference = feats.outputs[group.inspect]
     n_out = sum(r.numel() for r in reference)
     originals = [lin.weight.detach().clone() for lin in linears]
+    perturbed = None if search_dtype is None else _Perturbed(inspect, group.inspect, group.layers, feats, search_dtype)
     best_loss, best_alpha, best_scales = math.inf, -1.0, None
     losses = []
     try:
         for alpha, s in _candidate_scales(x_mean, n_grid):
             for lin, w0, name in zip(linears, originals, group.layers):
                 sw = s.to(w0.device, w0.dtype).view(1, -1)
-                lin.weight.copy_(fake_quantize(w0 * sw, w_args[name]) / sw)
+                wq = fake_quantize(w0 * sw, w_args[name]) / sw
+                if perturbed is None:
+                    lin.weight.copy_(wq)
+                else:
+                    perturbed.set_weight(name, wq.to(w0.dtype), w0)
             sq = 0.0
             for b, x in enumerate(xs):
+                if perturbed is not None:
+                    perturbed.batch = b
                 d = feats.call(inspect, group.inspect, b, x).float().sub_(reference[b].float())
                 sq += float(d.pow_(2).sum())
             loss = sq / n_out
@@ -118,16 +197,19 @@ def search_scale(block: nn.Module, group: ScaleGroup, feats: BlockFeatures, w_ar
             if loss < best_loss:
                 best_loss, best_alpha, best_scales = loss, alpha, s.detach().float().cpu().clone()
     finally:
+        if perturbed is not None:
+            perturbed.close()
         for lin, w0 in zip(linears, originals):
             lin.weight.copy_(w0)
     return _found(group.layers, best_scales, best_alpha, losses)
 
 
-def _search_linear(lin: nn.Linear, layers: tuple[str, ...], args: QuantArgs, xs: list[Tensor], x_mean: Tensor, n_grid: int) -> ScaleSearch:
+def _search_linear(lin: nn.Linear, layers: tuple[str, ...], args: QuantArgs, xs: list[Tensor], x_mean: Tensor,
+                   n_grid: int, search_dtype: torch.dtype | None) -> ScaleSearch:
     """The scale search of a group whose inspected module is its only Linear: the loss from the
     weight change alone (_LinearError); the Linear is not modified."""
     w0 = lin.weight.detach()
-    error = _LinearError(xs, lin.out_features, n_grid)
+    error = _LinearError(xs, lin.out_features, n_grid, search_dtype)
     best_loss, best_alpha, best_scales = math.inf, -1.0, None
     losses = []
     for alpha, s in _candidate_scales(x_mean, n_grid):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from wkvaq_quant.config import W_DTYPES, QuantPlan
 from wkvaq_quant.mix_bits import load_quant_config
+from wkvaq_quant.weights.algo import check_search_dtype
 
 __all__ = ["AwqConfig"]
 
@@ -38,6 +39,7 @@ class AwqConfig:
     seed: int = 0
     data_dir: str | None = None
     n_grid: int = 20
+    search_dtype: str = "model"  # see wkvaq_quant.weights.algo.AWQ_SEARCH_DTYPES
     batch_size: int = 1
     trust_remote_code: bool = False
     config: str | None = None  # llmc-style YAML: per-layer settings (mix_bits) refining the flags
@@ -62,6 +64,7 @@ class AwqConfig:
             raise ValueError(f"--load_awq {self.load_awq!r}: no such file (make one with --run_awq --dump_awq PATH)")
         if self.dump_fake and Path(self.dump_fake).exists() and any(Path(self.dump_fake).iterdir()):
             raise ValueError(f"--dump_fake {self.dump_fake!r} exists and is not empty; remove it or pick another DIR")
+        check_search_dtype(self.search_dtype)
         for flag, v in (("--n_grid", self.n_grid), ("--batch_size", self.batch_size)):
             if v <= 0:
                 raise ValueError(f"{flag} {v}: must be positive")

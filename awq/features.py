@@ -23,12 +23,14 @@ class BlockFeatures:
     batch, without its hidden-states input: (other positional args, keyword args).
     outputs: per inspected non-Linear module its full-precision output per batch (the reference
     of the scale search).
-    block_outputs: the block's output per batch."""
+    block_outputs: the block's output per batch.
+    linear_outputs: per Linear its output per batch, when recorded (the search in a lower dtype)."""
 
     inputs: dict[str, list[Tensor]] = field(default_factory=dict)
     calls: dict[str, list[tuple[tuple, dict[str, Any]]]] = field(default_factory=dict)
     outputs: dict[str, list[Tensor]] = field(default_factory=dict)
     block_outputs: list[Tensor] = field(default_factory=list)
+    linear_outputs: dict[str, list[Tensor]] = field(default_factory=dict)
 
     def call(self, module: nn.Module, name: str, batch: int, x: Tensor) -> Tensor:
         """Output of `module` (named `name` in the block) on input `x` of batch `batch`."""
@@ -50,11 +52,12 @@ class BlockFeatures:
 
 @torch.no_grad()
 def collect_features(block: nn.Module, inputs: BlockInputs, device: torch.device | str,
-                     linears: list[str], modules: list[str]) -> BlockFeatures:
+                     linears: list[str], modules: list[str], linear_outputs: bool = False) -> BlockFeatures:
     """Run `block` (already on `device`) over every batch of `inputs`, recording the inputs of
-    `linears`, the call arguments and outputs of `modules` (names relative to the block) and the
-    block's outputs."""
-    feats = BlockFeatures({n: [] for n in linears}, {n: [] for n in modules}, {n: [] for n in modules})
+    `linears` (and their outputs with `linear_outputs`), the call arguments and outputs of
+    `modules` (names relative to the block) and the block's outputs."""
+    feats = BlockFeatures({n: [] for n in linears}, {n: [] for n in modules}, {n: [] for n in modules},
+                          linear_outputs={n: [] for n in linears} if linear_outputs else {})
     handles = []
 
     def linear_hook(name: str):
@@ -71,17 +74,19 @@ def collect_features(block: nn.Module, inputs: BlockInputs, device: torch.device
             feats.calls[name].append((rest, kw))
         return hook
 
-    def output_hook(name: str):
+    def output_hook(record: dict[str, list[Tensor]], name: str):
         def hook(_m: nn.Module, _args: tuple, out: Any) -> None:
-            feats.outputs[name].append(block_output(out).detach())
+            record[name].append(block_output(out).detach())
         return hook
 
     try:
         for n in linears:
             handles.append(block.get_submodule(n).register_forward_pre_hook(linear_hook(n)))
+            if linear_outputs:
+                handles.append(block.get_submodule(n).register_forward_hook(output_hook(feats.linear_outputs, n)))
         for n in modules:
             handles.append(block.get_submodule(n).register_forward_pre_hook(module_hook(n), with_kwargs=True))
-            handles.append(block.get_submodule(n).register_forward_hook(output_hook(n)))
+            handles.append(block.get_submodule(n).register_forward_hook(output_hook(feats.outputs, n)))
         for h, kw in inputs.batches(device):
             feats.block_outputs.append(block_output(block(h, **kw)).detach())
     finally:

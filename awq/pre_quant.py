@@ -4,8 +4,9 @@ run_awq visits the decoder blocks in order, one on `device` at a time. For each 
 the full-precision block over the captured inputs recording every Linear's input, searches the
 scales of each group (auto_scale), folds them in, divides the recorded inputs by them, searches
 the clip values of every Linear but q/k (auto_clip) and clamps the weights. The next block sees
-the full-precision block's outputs (recorded in that same forward), as in llm-awq. The model is left scaled and clipped (not
-quantized); `wkvaq_quant.weights.rtn.rtn_quantize` quantizes it afterwards.
+the full-precision block's outputs (recorded in that same forward), as in llm-awq. The model is
+left scaled and clipped (not quantized); `wkvaq_quant.weights.rtn.rtn_quantize` quantizes it
+afterwards.
 
 Linears whose weight setting is off (`plan.linear_args(...)[0]` at 16 bits, e.g. through a
 mix_bits map) are neither scaled nor clipped: a scale group is skipped when any of its linears,
@@ -28,6 +29,7 @@ from awq.features import collect_features
 from awq.structure import block_parts, scale_groups
 from wkvaq_quant.config import QuantArgs, QuantPlan
 from wkvaq_quant.modeling.attach import block_linears
+from wkvaq_quant.weights.algo import check_search_dtype
 from wkvaq_quant.weights.blocks import BlockInputs, capture_block_inputs, for_each_block
 from wkvaq_quant.weights.rtn import rtn_quantize
 
@@ -41,7 +43,7 @@ def _module_names(model: nn.Module) -> dict[int, str]:
 @torch.no_grad()
 def awq_block(block: nn.Module, prefix: str, index: int, inputs: BlockInputs, plan: QuantPlan,
                device: torch.device | str, n_grid: int, max_shrink: float, n_sample_token: int,
-               out: dict[str, Any]) -> BlockInputs:
+               out: dict[str, Any], search_dtype: torch.dtype | None = None) -> BlockInputs:
     """Search and fold the scales, then search and apply the clips, of decoder block `index`
     (module name `prefix`) on its inputs, in place; the entries go into out["scale"] / out["clip"].
     Returns the block's full-precision outputs (the next block's inputs, as in llm-awq), recorded
@@ -52,12 +54,12 @@ def awq_block(block: nn.Module, prefix: str, index: int, inputs: BlockInputs, pl
     # a group is searched only when every linear it changes (its own, and a previous Linear) is quantized
     groups = [g for g in scale_groups(block)
               if all(w_args[n].enabled for n in g.layers) and w_args.get(g.prev, w_args[g.layers[0]]).enabled]
-    feats = collect_features(block, inputs, device, lin_names, [attn, mlp])
+    feats = collect_features(block, inputs, device, lin_names, [attn, mlp], linear_outputs=search_dtype is not None)
     fp_out = inputs.with_hidden(feats.block_outputs)
     if not any(a.enabled for a in w_args.values()):
         return fp_out
     for g in groups:
-        found = search_scale(block, g, feats, w_args, n_grid)
+        found = search_scale(block, g, feats, w_args, n_grid, search_dtype)
         fold_scales(block.get_submodule(g.prev), [block.get_submodule(n) for n in g.layers], found.scales)
         feats.divide_inputs(g.layers, found.scales)
         out["scale"][f"{prefix}.{g.prev}"] = {"layers": [f"{prefix}.{n}" for n in g.layers], "scales": found.scales,
@@ -74,26 +76,28 @@ def awq_block(block: nn.Module, prefix: str, index: int, inputs: BlockInputs, pl
 
 def run_awq(model: nn.Module, plan: QuantPlan, calib_ids: Tensor, model_id: str, device: torch.device | str = "cpu",
             n_grid: int = 20, max_shrink: float = 0.5, n_sample_token: int = 512, batch_size: int = 1,
-            progress: bool = True, record_grids: bool = True) -> dict[str, Any]:
+            progress: bool = True, record_grids: bool = True, search_dtype: str = "model") -> dict[str, Any]:
     """Search AWQ scales and clips on `calib_ids` [n, T]; returns the cache
     {"scale", "clip", "grid", "meta"} (see awq.cache; "grid" only with `record_grids`, which
-    quantizes a copy of every weight once more). The model is left scaled and clipped."""
+    quantizes a copy of every weight once more). The model is left scaled and clipped.
+    `search_dtype`: see wkvaq_quant.weights.algo.AWQ_SEARCH_DTYPES."""
     if n_grid <= 0 or not 0 <= max_shrink < 1 or n_sample_token <= 0:
         raise ValueError(f"n_grid {n_grid} (> 0), max_shrink {max_shrink} (in [0, 1)), n_sample_token "
                          f"{n_sample_token} (> 0)")
+    low = check_search_dtype(search_dtype)
     names = _module_names(model)
     out: dict[str, Any] = {"scale": {}, "clip": {}}
     inputs = capture_block_inputs(model, calib_ids, device, batch_size)
 
     def process(i: int, block: nn.Module, block_inputs: BlockInputs) -> BlockInputs:
         return awq_block(block, names[id(block)], i, block_inputs, plan, device, n_grid, max_shrink, n_sample_token,
-                         out)
+                         out, low)
 
     for_each_block(model, inputs, process, device, next_inputs="fp", progress=progress, desc="AWQ blocks",
                    fp_outputs_from_process=True)
     out["grid"] = _grids_after(model, plan, device) if record_grids else {}
     out["meta"] = cache_meta(model, model_id, plan, {
-        "n_grid": n_grid, "max_shrink": max_shrink, "n_sample_token": n_sample_token,
+        "n_grid": n_grid, "max_shrink": max_shrink, "n_sample_token": n_sample_token, "search_dtype": search_dtype,
         "n_calib": int(calib_ids.shape[0]), "calib_seq_len": int(calib_ids.shape[1])})
     return out
 

@@ -85,6 +85,7 @@ def test_dump_fake_without_cache_is_rtn(tiny_llama, tmp_path):
     (["--w_bit", "5", "--wq_dtype", "bitmod", "--dump_fake", "d"], "--w_bit 5"),
     (["--w_bit", "16", "--dump_fake", "d"], "--w_bit 16"),
     (["--q_group_size", "0", "--dump_fake", "d"], "group_size"),
+    (["--search_dtype", "fp8", "--dump_fake", "d"], "--search_dtype: invalid choice: 'fp8'"),
 ])
 def test_bad_flags_fail_before_loading(argv, match, capsys, forbid_model_load):
     with pytest.raises(SystemExit):

@@ -52,6 +52,7 @@ def test_flags_parse_into_the_weight_algo(tmp_path, tiny_llama):
     (["--weight_algo", "gptq", "--w_bits", "16"], "--weight_algo gptq needs quantized weights"),
     (["--weight_algo", "smoothquant"], "--weight_algo: invalid choice"),
     (["--weight_algo", "awq", "--n_grid", "0"], "--n_grid"),
+    (["--weight_algo", "awq", "--search_dtype", "half"], "--search_dtype: invalid choice"),
     (["--gptq_next_inputs", "both"], "--gptq_next_inputs: invalid choice"),
 ])
 def test_bad_flags_exit_before_loading(tmp_path, tiny_llama, capsys, no_model_load, flags, match):

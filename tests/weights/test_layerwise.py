@@ -117,15 +117,17 @@ def test_gptq_single_pass_layer_wise_equals_in_memory_and_resumes_either_way(tie
 
 
 @pytest.mark.parametrize("ckpt", ["src", "tied"])
-def test_awq_layer_wise_equals_in_memory(request, tmp_path, ids, ckpt):
+@pytest.mark.parametrize("search_dtype", ["model", "bfloat16"])
+def test_awq_layer_wise_equals_in_memory(request, tmp_path, ids, ckpt, search_dtype):
     """Layer-wise AWQ (search, fold, clip, RTN per block) == run_awq on the whole model + RTN."""
     path = request.getfixturevalue(ckpt)
     plan = dataclasses.replace(PLAN, layers=OFF)
-    quantize_layer_wise(path, tmp_path / "out", plan, AWQ, calib=ids, progress=False, log=lambda s: None)
+    algo = dataclasses.replace(AWQ, awq=dataclasses.replace(AWQ.awq, search_dtype=search_dtype))
+    quantize_layer_wise(path, tmp_path / "out", plan, algo, calib=ids, progress=False, log=lambda s: None)
     ref = _load(path)
-    a = AWQ.awq
+    a = algo.awq
     cache = run_awq(ref, plan, ids, "x", n_grid=a.n_grid, max_shrink=a.max_shrink, n_sample_token=a.n_sample_token,
-                    progress=False)
+                    progress=False, search_dtype=search_dtype)
     assert cache["scale"] and cache["clip"]  # the search did change the model
     rtn_quantize(ref, plan)
     _assert_same_weights(_load(tmp_path / "out"), ref)

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from wkvaq_quant.config import QuantArgs, QuantPlan
 from wkvaq_quant.modeling.attach import block_linears, decoder_blocks
 from wkvaq_quant.results import atomic_write_json
-from wkvaq_quant.weights.algo import WEIGHT_ALGOS, WeightAlgo
+from wkvaq_quant.weights.algo import WEIGHT_ALGOS, WeightAlgo, check_search_dtype
 from wkvaq_quant.quantize import quantize
 from wkvaq_quant.weights.blocks import BlockInputs, advance_block, capture_block_inputs, outside_modules
 from wkvaq_quant.weights.gptq import gptq_block
@@ -343,7 +343,7 @@ def _calibrated(sk: _Skeleton, plan: QuantPlan, algo: WeightAlgo, device: str) -
 
         a = algo.awq
         fp_out = awq_block(block, sk.prefixes[i], i, inputs, plan, device, a.n_grid, a.max_shrink, a.n_sample_token,
-                           {"scale": {}, "clip": {}})
+                           {"scale": {}, "clip": {}}, check_search_dtype(a.search_dtype))
         rtn_quantize(sk.model, plan, blocks={i})
         return fp_out
 
