@@ -166,62 +166,59 @@ def search_scale(block: nn.Module, group: ScaleGroup, feats: BlockFeatures, w_ar
     if n_grid <= 0:
         raise ValueError(f"n_grid must be positive, got {n_grid}")
     xs = feats.inputs[group.layers[0]]
-    x_mean = activation_mean(xs)
     linears: list[nn.Linear] = [block.get_submodule(n) for n in group.layers]
-    if group.layers == (group.inspect,):
-        return _search_linear(linears[0], group.layers, w_args[group.inspect], xs, x_mean, n_grid, search_dtype)
+    # the model's dtype with a non-Linear inspected module sets the candidates into the Linears: keep copies
+    in_place = search_dtype is None and group.layers != (group.inspect,)
+    originals = [lin.weight.detach().clone() if in_place else lin.weight.detach() for lin in linears]
+
+    def candidates(s: Tensor):
+        """(name, Linear, its weight W, Q(W * s) / s) for every Linear of the group."""
+        for name, lin, w0 in zip(group.layers, linears, originals):
+            sw = s.to(w0.device, w0.dtype).view(1, -1)
+            yield name, lin, w0, fake_quantize(w0 * sw, w_args[name]) / sw
+
+    if group.layers == (group.inspect,):  # the loss from the weight change alone; the Linear is not modified
+        error = _LinearError(xs, linears[0].out_features, n_grid, search_dtype)
+        return _grid_search(group.layers, xs, n_grid, lambda s: error(next(wq - w0 for *_, w0, wq in candidates(s))))
     inspect = block.get_submodule(group.inspect)
     reference = feats.outputs[group.inspect]
     n_out = sum(r.numel() for r in reference)
-    originals = [lin.weight.detach().clone() for lin in linears]
-    perturbed = None if search_dtype is None else _Perturbed(inspect, group.inspect, group.layers, feats, search_dtype)
-    best_loss, best_alpha, best_scales = math.inf, -1.0, None
-    losses = []
+    perturbed = None if in_place else _Perturbed(inspect, group.inspect, group.layers, feats, search_dtype)
+
+    def loss(s: Tensor) -> float:
+        for name, lin, w0, wq in candidates(s):
+            if perturbed is None:
+                lin.weight.copy_(wq)
+            else:
+                perturbed.set_weight(name, wq, w0)
+        sq = 0.0
+        for b, x in enumerate(xs):
+            if perturbed is not None:
+                perturbed.batch = b
+            d = feats.call(inspect, group.inspect, b, x).float().sub_(reference[b].float())
+            sq += float(d.pow_(2).sum())
+        return sq / n_out
+
     try:
-        for alpha, s in _candidate_scales(x_mean, n_grid):
-            for lin, w0, name in zip(linears, originals, group.layers):
-                sw = s.to(w0.device, w0.dtype).view(1, -1)
-                wq = fake_quantize(w0 * sw, w_args[name]) / sw
-                if perturbed is None:
-                    lin.weight.copy_(wq)
-                else:
-                    perturbed.set_weight(name, wq.to(w0.dtype), w0)
-            sq = 0.0
-            for b, x in enumerate(xs):
-                if perturbed is not None:
-                    perturbed.batch = b
-                d = feats.call(inspect, group.inspect, b, x).float().sub_(reference[b].float())
-                sq += float(d.pow_(2).sum())
-            loss = sq / n_out
-            losses.append(loss)
-            if loss < best_loss:
-                best_loss, best_alpha, best_scales = loss, alpha, s.detach().float().cpu().clone()
+        return _grid_search(group.layers, xs, n_grid, loss)
     finally:
         if perturbed is not None:
             perturbed.close()
-        for lin, w0 in zip(linears, originals):
-            lin.weight.copy_(w0)
-    return _found(group.layers, best_scales, best_alpha, losses)
+        else:
+            for lin, w0 in zip(linears, originals):
+                lin.weight.copy_(w0)
 
 
-def _search_linear(lin: nn.Linear, layers: tuple[str, ...], args: QuantArgs, xs: list[Tensor], x_mean: Tensor,
-                   n_grid: int, search_dtype: torch.dtype | None) -> ScaleSearch:
-    """The scale search of a group whose inspected module is its only Linear: the loss from the
-    weight change alone (_LinearError); the Linear is not modified."""
-    w0 = lin.weight.detach()
-    error = _LinearError(xs, lin.out_features, n_grid, search_dtype)
+def _grid_search(layers: tuple[str, ...], xs: list[Tensor], n_grid: int, loss_of) -> ScaleSearch:
+    """Try every candidate s(alpha) of the inputs `xs` and keep the one with the lowest
+    `loss_of(s)` (the first on ties)."""
     best_loss, best_alpha, best_scales = math.inf, -1.0, None
     losses = []
-    for alpha, s in _candidate_scales(x_mean, n_grid):
-        sw = s.to(w0.device, w0.dtype).view(1, -1)
-        loss = error(fake_quantize(w0 * sw, args) / sw - w0)
+    for alpha, s in _candidate_scales(activation_mean(xs), n_grid):
+        loss = loss_of(s)
         losses.append(loss)
         if loss < best_loss:
             best_loss, best_alpha, best_scales = loss, alpha, s.detach().float().cpu().clone()
-    return _found(layers, best_scales, best_alpha, losses)
-
-
-def _found(layers: tuple[str, ...], scales: Tensor | None, alpha: float, losses: list[float]) -> ScaleSearch:
-    if scales is None:
+    if best_scales is None:
         raise RuntimeError(f"AWQ scale search for {layers}: every candidate gave a non-finite loss {losses}")
-    return ScaleSearch(scales, alpha, tuple(losses))
+    return ScaleSearch(best_scales, best_alpha, tuple(losses))

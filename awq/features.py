@@ -33,9 +33,8 @@ class BlockFeatures:
     linear_outputs: dict[str, list[Tensor]] = field(default_factory=dict)
 
     def call(self, module: nn.Module, name: str, batch: int, x: Tensor) -> Tensor:
-        """Output of `module` (named `name` in the block) on input `x` of batch `batch`."""
-        if isinstance(module, nn.Linear):
-            return module(x)
+        """Output of the inspected non-Linear `module` (named `name` in the block) on input `x` of
+        batch `batch`."""
         rest, kw = self.calls[name][batch]
         return block_output(module(x, *rest, **kw))
 

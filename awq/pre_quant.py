@@ -30,7 +30,7 @@ from awq.structure import block_parts, scale_groups
 from wkvaq_quant.config import QuantArgs, QuantPlan
 from wkvaq_quant.modeling.attach import block_linears
 from wkvaq_quant.weights.algo import check_search_dtype
-from wkvaq_quant.weights.blocks import BlockInputs, capture_block_inputs, for_each_block
+from wkvaq_quant.weights.blocks import BlockInputs, capture_block_inputs, for_each_block, run_block
 from wkvaq_quant.weights.rtn import rtn_quantize
 
 __all__ = ["apply_awq", "awq_block", "run_awq"]
@@ -54,10 +54,9 @@ def awq_block(block: nn.Module, prefix: str, index: int, inputs: BlockInputs, pl
     # a group is searched only when every linear it changes (its own, and a previous Linear) is quantized
     groups = [g for g in scale_groups(block)
               if all(w_args[n].enabled for n in g.layers) and w_args.get(g.prev, w_args[g.layers[0]]).enabled]
-    feats = collect_features(block, inputs, device, lin_names, [attn, mlp], linear_outputs=search_dtype is not None)
-    fp_out = inputs.with_hidden(feats.block_outputs)
     if not any(a.enabled for a in w_args.values()):
-        return fp_out
+        return run_block(block, inputs, device)
+    feats = collect_features(block, inputs, device, lin_names, [attn, mlp], linear_outputs=search_dtype is not None)
     for g in groups:
         found = search_scale(block, g, feats, w_args, n_grid, search_dtype)
         fold_scales(block.get_submodule(g.prev), [block.get_submodule(n) for n in g.layers], found.scales)
@@ -71,7 +70,7 @@ def awq_block(block: nn.Module, prefix: str, index: int, inputs: BlockInputs, pl
         max_val = search_clip(lin.weight, feats.inputs[n], w_args[n], n_grid, max_shrink, n_sample_token).cpu()
         clip_weight(lin, max_val, w_args[n].group_size)
         out["clip"][f"{prefix}.{n}"] = {"max_val": max_val, "group_size": w_args[n].group_size}
-    return fp_out
+    return inputs.with_hidden(feats.block_outputs)
 
 
 def run_awq(model: nn.Module, plan: QuantPlan, calib_ids: Tensor, model_id: str, device: torch.device | str = "cpu",
