@@ -36,35 +36,48 @@ def search_clip(weight: Tensor, xs: list[Tensor], args: QuantArgs, n_grid: int =
     """Best clip value per (output row, group): [out, n_groups], fp32 on the weight's device.
     A group size that does not divide the row gives a shorter last group, as in fake_quantize."""
     co, ci = weight.shape
-    cols = group_columns(ci, args.group_size).to(weight.device)
-    ng = int(cols[-1]) + 1
+    ng = int(group_columns(ci, args.group_size)[-1]) + 1
     gs = ci if args.group_size == -1 else args.group_size
     pad = ng * gs - ci  # zero columns complete the last group; they add nothing to any output
-    x = torch.cat([t.reshape(-1, ci) for t in xs])
-    x = x[:: max(1, x.shape[0] // n_sample_token)]
+    x = _sample_tokens([t.reshape(-1, ci) for t in xs], n_sample_token)
     # x [n_token, ci] -> [n_group, n_token, group_size]; per group the token Gram matrix / n_token
     x = F.pad(x.float(), (0, pad)).view(-1, ng, gs).transpose(0, 1)
     gram = torch.bmm(x.transpose(1, 2), x) / x.shape[1]  # [n_group, gs, gs]
     del x
     best_all = []
     for o0 in range(0, co, oc_batch):
-        w = weight[o0: o0 + oc_batch].float()
-        b = w.shape[0]
-        # w [b, ci] -> [b, n_group, group_size]
-        w3 = F.pad(w, (0, pad)).view(b, ng, gs)
+        # w [b, ci] -> [b, n_group, group_size], zero-padded; the clamps below keep the padding at 0
+        w3 = F.pad(weight[o0: o0 + oc_batch].float(), (0, pad)).view(-1, ng, gs)
+        b = w3.shape[0]
         org_max = w3.abs().amax(-1)  # [b, n_group]
         best = org_max.clone()
         min_err = torch.full_like(org_max, float("inf"))
+        cur = torch.empty_like(w3)
+        d = torch.zeros_like(w3)  # its padding stays 0
         for i in range(int(max_shrink * n_grid)):
             max_val = org_max * (1 - i / n_grid)
-            m = max_val[:, cols]  # [b, n_group] -> [b, ci]
-            cur = torch.maximum(torch.minimum(w, m), -m)
-            q = fake_quantize(cur.to(weight.dtype), args).float()
+            m = max_val.unsqueeze(-1)
+            # clip_weight's clamp, per group through broadcasting
+            torch.maximum(torch.minimum(w3, m, out=cur), m.neg(), out=cur)
+            q = fake_quantize(cur.view(b, -1)[:, :ci].to(weight.dtype), args)
             # mean over tokens of (x_g . (q - w))^2 = d G d^T per (row, group): [n_group, b, gs]
-            d = (F.pad(q, (0, pad)).view(b, ng, gs) - w3).transpose(0, 1)
-            err = (torch.bmm(d, gram) * d).sum(-1).T  # [b, n_group]
+            d.view(b, -1)[:, :ci].copy_(q)
+            d.sub_(w3)
+            dt = d.transpose(0, 1)
+            err = (torch.bmm(dt, gram) * dt).sum(-1).T  # [b, n_group]
             better = err < min_err
             min_err = torch.where(better, err, min_err)
             best = torch.where(better, max_val, best)
         best_all.append(best)
     return torch.cat(best_all)
+
+
+def _sample_tokens(xs: list[Tensor], n_sample_token: int) -> Tensor:
+    """Every step-th row of the rows of `xs` taken in order (step = n_rows // n_sample_token, at
+    least 1), without concatenating all of them first."""
+    step = max(1, sum(x.shape[0] for x in xs) // n_sample_token)
+    parts, offset = [], 0
+    for x in xs:
+        parts.append(x[(-offset) % step:: step])
+        offset += x.shape[0]
+    return torch.cat(parts)

@@ -106,7 +106,12 @@ class _Perturbed:
 
     Only the change, a few percent of the output, carries the lower precision's rounding; the
     attention, activation and the rest run as before. `set_weight` gives a group Linear its
-    candidate weight W' (the module's own weight is not touched)."""
+    candidate weight W' (the module's own weight is not touched).
+
+    When the inspected module returns a Linear's output itself (o_proj in attention, down_proj in
+    the MLP: the recorded tensors are the same), that Linear returns only its output change
+    (x - x_ref) W^T, which is the module's output error: `output_is_change` is then True and the
+    caller takes its squares without subtracting the reference."""
 
     def __init__(self, inspect: nn.Module, inspect_name: str, layers: tuple[str, ...], feats: BlockFeatures,
                  dtype: torch.dtype) -> None:
@@ -115,6 +120,7 @@ class _Perturbed:
         self.feats = feats
         self.delta: dict[str, Tensor] = {}
         self.patched: list[nn.Linear] = []
+        self.output_is_change = False
         shared: dict[int, list[Tensor]] = {}  # q/k/v (gate/up) share one input: one low-precision copy
         self.x_low: dict[str, list[Tensor]] = {}
         for rel, lin in inspect.named_modules():
@@ -126,7 +132,9 @@ class _Perturbed:
                 self.x_low[name] = shared.setdefault(xs[0].data_ptr(), [x.to(dtype) for x in xs])
                 lin.forward = self._changed_weight(name)
             else:
-                lin.forward = self._changed_input(name, lin.weight.detach().to(dtype))
+                tail = _same_tensors(feats.linear_outputs[name], feats.outputs[inspect_name])
+                self.output_is_change = self.output_is_change or tail
+                lin.forward = self._changed_input(name, lin.weight.detach().to(dtype), tail)
             self.patched.append(lin)
         missing = [n for n in layers if n not in self.x_low]
         if missing:
@@ -138,14 +146,19 @@ class _Perturbed:
             b = self.batch
             if x.data_ptr() != self.feats.inputs[name][b].data_ptr():
                 raise RuntimeError(f"AWQ --search_dtype: {name} was not fed its recorded input")
-            return torch.add(self.feats.linear_outputs[name][b], F.linear(self.x_low[name][b], self.delta[name]))
+            # cast, then add in place: a mixed-dtype add into a new tensor is several times slower on CPU
+            y_ref = self.feats.linear_outputs[name][b]
+            return F.linear(self.x_low[name][b], self.delta[name]).to(y_ref.dtype).add_(y_ref)
         return forward
 
-    def _changed_input(self, name: str, w_low: Tensor):
+    def _changed_input(self, name: str, w_low: Tensor, change_only: bool):
         def forward(x: Tensor) -> Tensor:
             b = self.batch
-            dx = torch.sub(x, self.feats.inputs[name][b], out=torch.empty(x.shape, dtype=self.dtype, device=x.device))
-            return torch.add(self.feats.linear_outputs[name][b], F.linear(dx, w_low))
+            dy = F.linear(torch.sub(x, self.feats.inputs[name][b]).to(self.dtype), w_low)
+            if change_only:
+                return dy
+            y_ref = self.feats.linear_outputs[name][b]
+            return dy.to(y_ref.dtype).add_(y_ref)
         return forward
 
     def set_weight(self, name: str, w: Tensor, w0: Tensor) -> None:
@@ -155,6 +168,12 @@ class _Perturbed:
         for lin in self.patched:
             del lin.forward
         self.patched = []
+
+
+def _same_tensors(a: list[Tensor], b: list[Tensor]) -> bool:
+    """Whether the recorded lists hold the very same tensors (same memory, shape and strides)."""
+    return len(a) == len(b) and all(x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride()
+                                    for x, y in zip(a, b))
 
 
 @torch.no_grad()
@@ -195,7 +214,9 @@ def search_scale(block: nn.Module, group: ScaleGroup, feats: BlockFeatures, w_ar
         for b, x in enumerate(xs):
             if perturbed is not None:
                 perturbed.batch = b
-            d = feats.call(inspect, group.inspect, b, x).float().sub_(reference[b].float())
+            d = feats.call(inspect, group.inspect, b, x).float()
+            if perturbed is None or not perturbed.output_is_change:
+                d = d.sub_(reference[b].float())
             sq += float(d.pow_(2).sum())
         return sq / n_out
 

@@ -238,17 +238,21 @@ def _scale_losses_reference(block, group, feats, args, n_grid):
     return losses
 
 
-@pytest.mark.parametrize("n_calib,seq,search_dtype", [(2, 16, None), (8, 64, None), (2, 16, torch.bfloat16),
-                                                      (8, 64, torch.bfloat16)],
-                         ids=["direct", "gram", "direct-bf16", "gram-bf16"])
-def test_scale_search_losses_equal_an_explicit_reference(n_calib, seq, search_dtype):
+@pytest.mark.parametrize("n_calib,seq,search_dtype,copy_outputs",
+                         [(2, 16, None, False), (8, 64, None, False), (2, 16, torch.bfloat16, False),
+                          (8, 64, torch.bfloat16, False), (2, 16, torch.bfloat16, True)],
+                         ids=["direct", "gram", "direct-bf16", "gram-bf16", "direct-bf16-copied-outputs"])
+def test_scale_search_losses_equal_an_explicit_reference(n_calib, seq, search_dtype, copy_outputs):
     """Every group's loss per alpha (from the recorded reference outputs; o_proj / down_proj from
     the weight change alone, per batch with few tokens and through the inputs' Gram matrix with many)
     equals an explicit float64 forward of the inspected module, and the search keeps the smallest.
-    With --search_dtype bfloat16 (each Linear's output change in bfloat16) the losses stay within 1%."""
+    With --search_dtype bfloat16 (each Linear's output change in bfloat16) the losses stay within 1%:
+    both when attention / MLP return o_proj's / down_proj's output itself (the loss from that
+    Linear's output change alone) and when they return a new tensor (here it plus 1: output minus
+    reference)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from awq.auto_scale import _LinearError, search_scale
+    from awq.auto_scale import _LinearError, _same_tensors, search_scale
     from awq.features import collect_features
 
     torch.manual_seed(0)
@@ -258,8 +262,14 @@ def test_scale_search_losses_equal_an_explicit_reference(n_calib, seq, search_dt
     with torch.no_grad():
         block.input_layernorm.weight[list(OUTLIERS[:2])] *= 30.0
     inputs = capture_block_inputs(mha, calib_ids(n_calib, seq), batch_size=2)
+    if copy_outputs:  # the modules return new tensors (the float64 reference copies the hooks)
+        for m in (block.self_attn, block.mlp):
+            m.register_forward_hook(lambda _m, _a, o: (o[0] + 1.0, *o[1:]) if isinstance(o, tuple) else o + 1.0)
     lins = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
     feats = collect_features(block, inputs, "cpu", lins, ["self_attn", "mlp"], linear_outputs=search_dtype is not None)
+    if search_dtype is not None:
+        for tail, module in (("self_attn.o_proj", "self_attn"), ("mlp.down_proj", "mlp")):
+            assert _same_tensors(feats.linear_outputs[tail], feats.outputs[module]) != copy_outputs
     args = _plan(3, "int", 16).w
     w_args = {n: args for n in lins}
     groups = scale_groups(block)
