@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_grid", type=int, default=20, help="grid points of the scale and clip searches")
     p.add_argument("--search_dtype", default="model", choices=list(AWQ_SEARCH_DTYPES),
                    help="the scale search in the model's dtype, or each Linear's output change in a lower dtype on "
-                        "top of its recorded output (bfloat16 with a float32 model: the whole search 1.3-1.6x faster "
+                        "top of its recorded output (bfloat16 with a float32 model: the whole search 1.5-2x faster "
                         "on a CPU with AMX, see bench/RESULTS.md)")
     p.add_argument("--batch_size", type=int, default=1, help="calibration windows per block forward")
     p.add_argument("--data_dir", default=None, help="local copies of wikitext2 / c4 (or $WKVAQ_DATA_DIR)")

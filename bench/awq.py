@@ -185,15 +185,17 @@ Goal (our time at most half of llm-compressor's): {"; ".join(goals)}.
 {"".join(f"{a}. " for a in agreement)}
 {bf16_note() if bf16 else ""}
 
-Where the time goes (FP32, W4 g64, 8 x 256 tokens, cProfile of 5 blocks): one forward of the block records
+Where the time goes (FP32, W4 g64, 8 x 256 tokens, cProfile of 4 blocks): one forward of the block records
 the Linears' inputs, the attention / MLP reference outputs and the next block's inputs; o_proj / down_proj losses
 come from the weight change alone. The rest is the attention and MLP forwards per grid point over every calibration
-token, the multiply-adds llm-compressor's search spends too, so with `--search_dtype model` the ratio stays above
-0.5x. `--search_dtype bfloat16` computes each Linear's output change in bfloat16 (this CPU's AMX runs those
-products 4-5x faster than float32), leaving the attention itself, the activation, the element-wise work and the
-clip search (llm-compressor has none) as the larger part of our time; it holds every Linear's outputs of one
-block (the higher peak RSS). The two ratios come from runs right after the llm-compressor run; on this shared
-machine its time varied from 138 s to 164 s between sessions, so 0.50x sits at the goal, not clearly under it.{bf16_text} The
+token, the multiply-adds llm-compressor's search spends too (FP32 products run at about 30 G multiply-adds/s on one
+thread here), so with `--search_dtype model` the ratio stays above 0.5x. `--search_dtype bfloat16` computes each
+Linear's output change in bfloat16 (this CPU's AMX runs those products 4-5x faster than float32), and o_proj /
+down_proj return only their change (the module's output error); what remains is the attention itself, the
+activation, element-wise work and the clip search (llm-compressor has none; about 0.2 s per block, its candidates
+clamped through broadcast group views). The ratios come from runs right after the llm-compressor run; on this
+shared machine llm-compressor's time varied from 138 s to 234 s between sessions, and peak RSS varies by up to
+0.5 GiB between identical runs.{bf16_text} The
 g{args.group_size} rows above were measured in an earlier session (before the Gram-matrix clip errors) under a
 different load of the shared machine; the pairs here ran back to back.
 

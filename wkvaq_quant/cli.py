@@ -64,7 +64,7 @@ def add_weight_algo_args(parser: argparse.ArgumentParser) -> None:
                    help="AWQ: grid points of the scale and clip searches")
     g.add_argument("--search_dtype", default="model", choices=list(AWQ_SEARCH_DTYPES),
                    help="AWQ: the scale search in the model's dtype, or each Linear's output change in a lower "
-                        "dtype on top of its recorded output (bfloat16 with a float32 model: the whole search 1.3-1.6x "
+                        "dtype on top of its recorded output (bfloat16 with a float32 model: the whole search 1.5-2x "
                         "faster on a CPU with AMX, see bench/RESULTS.md)")
     g.add_argument("--layer_wise", action="store_true",
                    help="quantize the checkpoint's safetensors shards one decoder block at a time into --save_quant "
