@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from awq.cache import check_cache, check_cache_model, load_cache, save_cache
-from awq.config import AwqConfig
-from awq.pre_quant import apply_awq, run_awq
+from wkvaq_quant.weights.awq.cache import check_cache, check_cache_model, load_cache, save_cache
+from wkvaq_quant.weights.awq.config import AwqConfig
+from wkvaq_quant.weights.awq.pre_quant import apply_awq, run_awq
 from wkvaq_quant.cli import add_calib_args, explicit_flags
 from wkvaq_quant.config import W_DTYPES
 from wkvaq_quant.data import DataUnavailableError, get_calib_windows, resolve_text_source
@@ -29,7 +29,7 @@ from wkvaq_quant.models import DTYPES, EMBEDDED_MODEL, UnknownModelError, check_
     load_tokenizer, model_depth, resolve_model
 from wkvaq_quant.results import atomic_write_json
 from wkvaq_quant.run import DEVICES, _check_device
-from wkvaq_quant.weights.algo import AWQ_SEARCH_DTYPES
+from wkvaq_quant.weights.awq.settings import AWQ_SEARCH_DTYPES
 from wkvaq_quant.weights.rtn import rtn_quantize
 
 __all__ = ["build_parser", "main", "parse_config", "run"]

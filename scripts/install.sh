@@ -36,7 +36,7 @@ fi
 
 # editable install of this checkout (skipped when it already points here)
 here="$("$PY" -c 'import os, wkvaq_quant; print(os.path.dirname(os.path.dirname(os.path.abspath(wkvaq_quant.__file__))))' 2>/dev/null || true)"
-if [[ "$here" != "$root" ]] || ! (cd / && "$PY" -c "import wkvaq_quant, awq" 2>/dev/null); then
+if [[ "$here" != "$root" ]] || ! (cd / && "$PY" -c "import wkvaq_quant" 2>/dev/null); then
   echo "[install] wkvaq (editable) from $root"
   pip_install --no-deps --no-build-isolation -e "$root"
 fi

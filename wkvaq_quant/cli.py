@@ -10,7 +10,9 @@ from .eval.lm_eval import LMEvalSettings
 from .mix_bits import load_quant_config
 from .models import DTYPES, EMBEDDED_MODEL
 from .run import ATTN_IMPLEMENTATIONS, DEVICES, RunConfig
-from .weights.algo import AWQ_SEARCH_DTYPES, WEIGHT_ALGOS, AwqSearchConfig, CalibConfig, WeightAlgo
+from .weights.algo import WEIGHT_ALGOS, CalibConfig, WeightAlgo
+from .weights.awq.settings import AWQ_SEARCH_DTYPES, AwqSearchConfig
+from .weights.registry import get_weight_algo, method_to_algo
 from .weights.blocks import NEXT_INPUTS
 from .weights.gptq import GptqConfig
 
@@ -202,20 +204,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, RunCo
         parser.error(str(err))
 
 
-_METHODS = {"rtn": "RTN", "gptq": "Gptq", "awq": "Awq"}
-"""--weight_algo -> the quant.method of a --config YAML that selects it."""
-_ALGOS = {m: a for a, m in _METHODS.items()}
-
-
 def _config(args: argparse.Namespace, argv: list[str] | None) -> RunConfig:
-    plan, method = plan_from_args(args), _METHODS[args.weight_algo]
+    plan, method = plan_from_args(args), get_weight_algo(args.weight_algo).method
     if args.config:
         quant = load_quant_config(args.config)
         explicit = explicit_flags(build_parser(), argv)
         if quant.method != "RTN":
             if "weight_algo" in explicit and method != quant.method:
                 raise ValueError(f"--weight_algo {args.weight_algo} contradicts quant.method: {quant.method} in "
-                                 f"{args.config}; allowed: --weight_algo {_ALGOS[quant.method]} or no --weight_algo")
+                                 f"{args.config}; allowed: --weight_algo {method_to_algo(quant.method)} or no --weight_algo")
             method = quant.method
         plan = quant.apply(plan, explicit)
     return RunConfig(
@@ -239,7 +236,7 @@ def _config(args: argparse.Namespace, argv: list[str] | None) -> RunConfig:
         weight_method=method,
         show_plan=args.show_plan,
         lm_eval=lm_eval_from_args(args),
-        weight_algo=weight_algo_from_args(args, _ALGOS[method]),
+        weight_algo=weight_algo_from_args(args, method_to_algo(method)),
         layer_wise=args.layer_wise,
         save_quant=args.save_quant,
         offload_activations=args.offload_activations,

@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from wkvaq_quant.arch import linear_names
 from wkvaq_quant.formats import available_formats, get_format
 
 if TYPE_CHECKING:
@@ -227,8 +228,8 @@ forward). per_query: every query sees its own R most recent tokens in full preci
 decoder with a full-precision residual buffer computes)."""
 """KTVT: K and V per token. KCVT: K per channel over groups of tokens (KIVI), V per token."""
 W_DTYPES = ("int", "bitmod", "fp4_e2m1")
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-"""Short names of the decoder Linears that per-layer settings address."""
+LINEAR_NAMES = linear_names()
+"""Short names of the decoder Linears that per-layer settings address (every registered family's)."""
 A_DTYPES = ("fp8_e4m3", "int")
 
 

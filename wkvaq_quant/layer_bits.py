@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from .modeling.attach import ATTN_PROJ, MLP_PROJ
+from .config import LINEAR_NAMES
 
 __all__ = ["LINEAR_LAYERS", "layer_bits_table"]
 
-LINEAR_LAYERS = ATTN_PROJ + MLP_PROJ
+LINEAR_LAYERS = LINEAR_NAMES
 
 
 def layer_bits_table(plan: Any, n_blocks: int, layers: tuple[str, ...] = LINEAR_LAYERS,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 import shutil
 import time
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from . import hub
+from .arch import Arch, arch_for_config
 
 __all__ = [
     "MODEL_REGISTRY",
@@ -23,6 +25,7 @@ __all__ = [
     "UnknownModelError",
     "resolve_model",
     "check_model_available",
+    "check_model_family",
     "cache_dir",
     "ensure_embedded_model",
     "load_tokenizer",
@@ -145,19 +148,37 @@ def check_model_available(source: ModelSource) -> ModelSource:
     if source.kind == "embedded":
         _embedded_gguf()
         return source
-    if source.kind != "hub":
+    if source.kind == "local":
+        check_model_family(source, Path(source.path) / "config.json")
         return source
     if hub.hub_reachable():
+        from huggingface_hub import hf_hub_download
+
+        check_model_family(source, Path(hf_hub_download(source.path, "config.json")))
         return source
     from huggingface_hub import try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(source.path, "config.json"), str):
+    cached = try_to_load_from_cache(source.path, "config.json")
+    if isinstance(cached, str):
+        check_model_family(source, Path(cached))
         return dataclasses.replace(source, local_files_only=True)
     raise UnknownModelError(
         f"--model {source.name!r} ({source.path}): the Hugging Face hub is not reachable and the model "
         f"is not in the local Hugging Face cache. Download it where there is network and pass its "
         f"directory to --model, or use the embedded model: --model {EMBEDDED_MODEL}"
     )
+
+
+def check_model_family(source: ModelSource, config_file: Path) -> Arch:
+    """The architecture entry of a checkpoint, from its config.json alone (before any weight is
+    read); a family without an entry, or an unreadable config, is refused naming the file."""
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UnknownModelError(f"--model {source.name!r}: cannot read {config_file} as JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise UnknownModelError(f"--model {source.name!r}: {config_file} is not a JSON object")
+    return arch_for_config(config, f"--model {source.name!r} ({config_file})")
 
 
 def _embedded_gguf() -> Path:

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from awq import entry
-from awq.cache import check_cache, load_cache, save_cache
-from awq.pre_quant import apply_awq, run_awq
+from wkvaq_quant.weights.awq.cache import check_cache, load_cache, save_cache
+from wkvaq_quant.weights.awq.pre_quant import apply_awq, run_awq
 from tests.awq.helpers import calib_ids, planted_model
 from wkvaq_quant.config import QuantPlan
 from wkvaq_quant.modeling.checkpoint import load_checkpoint_weights

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from awq.apply import fold_scales
-from awq.cache import load_cache, save_cache
-from awq.pre_quant import apply_awq, run_awq
-from awq.structure import scale_groups
+from wkvaq_quant.weights.awq.apply import fold_scales
+from wkvaq_quant.weights.awq.cache import load_cache, save_cache
+from wkvaq_quant.weights.awq.pre_quant import apply_awq, run_awq
+from wkvaq_quant.weights.awq.structure import scale_groups
 from tests.awq.helpers import OUTLIERS, calib_ids, planted_model
 from tests.modeling.conftest import build_tiny
 from wkvaq_quant.config import QuantArgs, QuantPlan
@@ -175,8 +175,8 @@ def test_layers_left_in_full_precision_are_neither_scaled_nor_clipped():
 def test_recorded_inputs_follow_the_folded_scales():
     """After folding, the recorded (divided) inputs equal what the scaled block now computes;
     Linears sharing an input (q/k/v, gate/up) are divided once."""
-    from awq.auto_scale import search_scale
-    from awq.features import collect_features
+    from wkvaq_quant.weights.awq.auto_scale import search_scale
+    from wkvaq_quant.weights.awq.features import collect_features
 
     fp = planted_model()
     block = fp.model.layers[0]
@@ -209,7 +209,7 @@ def _scale_losses_reference(block, group, feats, args, n_grid):
     """Slow reference of one scale search: per alpha, the float64 mean squared difference between
     the inspected module's output with the group's weights set to Q(W * s) / s and with the
     original weights, each from an explicit forward of a float64 copy of the block."""
-    from awq.auto_scale import activation_mean
+    from wkvaq_quant.weights.awq.auto_scale import activation_mean
     from wkvaq_quant.quantize import fake_quantize
 
     ref_block = copy.deepcopy(block).double()
@@ -252,8 +252,8 @@ def test_scale_search_losses_equal_an_explicit_reference(n_calib, seq, search_dt
     reference)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from awq.auto_scale import _LinearError, _same_tensors, search_scale
-    from awq.features import collect_features
+    from wkvaq_quant.weights.awq.auto_scale import _LinearError, _same_tensors, search_scale
+    from wkvaq_quant.weights.awq.features import collect_features
 
     torch.manual_seed(0)
     mha = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
@@ -325,7 +325,7 @@ def _clip_errors_reference(weight, x, args, n_grid, max_shrink):
 def test_clip_search_picks_the_reference_best_candidate(args):
     """search_clip (Gram-matrix errors) picks, per (row, group), a candidate whose error under the
     slow explicit-output reference is the smallest (up to float32 rounding), and really clips some."""
-    from awq.auto_clip import search_clip
+    from wkvaq_quant.weights.awq.auto_clip import search_clip
 
     g = torch.Generator().manual_seed(5)
     w = torch.randn(40, 88, generator=g)

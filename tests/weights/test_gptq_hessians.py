@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from tests.modeling.conftest import build_tiny
+from wkvaq_quant.arch import ARCHS
 from wkvaq_quant.config import QuantPlan
 from wkvaq_quant.modeling.attach import block_linears, decoder_blocks
 from wkvaq_quant.weights.blocks import capture_block_inputs, for_each_block, run_block
-from wkvaq_quant.weights.gptq import SEQUENTIAL, GptqConfig, HessianAccumulator, gptq_quantize, gptq_weight, \
+from wkvaq_quant.weights.gptq import GptqConfig, HessianAccumulator, gptq_quantize, gptq_weight, \
     group_hessians
 
 
@@ -49,7 +50,7 @@ def test_group_hessians_equal_full_forward_hessians_and_stop_early(base, ids):
     hooks = [block.mlp.register_forward_hook(lambda *_: calls.__setitem__("mlp", calls["mlp"] + 1)),
              lin["o_proj"].register_forward_hook(lambda *_: calls.__setitem__("o_proj", calls["o_proj"] + 1))]
     try:
-        for group in SEQUENTIAL:
+        for group in ARCHS["llama"].sequential:
             modules = [lin[s] for s in group]
             calls.update(mlp=0, o_proj=0)
             got = group_hessians(block, modules, inputs, "cpu")
@@ -86,7 +87,7 @@ def test_gptq_quantize_equals_full_forward_reference(base, ids, cfg):
         by_block.setdefault(b, {})[short] = m
 
     def process(i, block, inputs):
-        for group in SEQUENTIAL:
+        for group in ARCHS["llama"].sequential:
             modules = [by_block[i][s] for s in group]
             for s, m, H in zip(group, modules, _full_forward_hessians(block, modules, inputs)):
                 m.weight.data.copy_(gptq_weight(m.weight, H, plan.linear_args(i, s)[0], cfg).weight)

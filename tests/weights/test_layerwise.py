@@ -14,8 +14,9 @@ from wkvaq_quant.config import QuantArgs, QuantPlan
 from wkvaq_quant.mix_bits import LayerMap, LayerTarget, MixSetting
 from wkvaq_quant.weights import layerwise as lw
 from wkvaq_quant.weights import safetensors_io as sio
-from awq.pre_quant import run_awq
-from wkvaq_quant.weights.algo import AwqSearchConfig, WeightAlgo
+from wkvaq_quant.weights.awq.pre_quant import run_awq
+from wkvaq_quant.weights.algo import WeightAlgo
+from wkvaq_quant.weights.awq.settings import AwqSearchConfig
 from wkvaq_quant.weights.gptq import GptqConfig, gptq_quantize
 from wkvaq_quant.weights.layerwise import STATE_FILE, quantize_layer_wise
 from wkvaq_quant.weights.rtn import rtn_quantize

@@ -7,9 +7,8 @@
 - Q, V, P: inside the registered attention function (see attention.py), selected through
   `model.set_attn_implementation`.
 
-Architectures are recognized by structure: attention modules with q/k/v/o_proj, `head_dim`,
-`num_key_value_groups` and `layer_idx`, calling transformers' attention interface; MLPs with
-gate/up/down_proj. Anything else is refused with a message.
+Which modules are blocks, attention modules and Linears, and where pre-RoPE keys are tapped,
+comes from the architecture registry (modeling.arch); a family without an entry is refused.
 """
 
 from __future__ import annotations
@@ -20,60 +19,40 @@ import torch
 from torch import Tensor, nn
 
 from wkvaq_quant.config import QuantPlan
+from wkvaq_quant.arch import arch_of
 from wkvaq_quant.modeling.attention import EAGER, SDPA, STATE_ATTR, LayerState, register_attention_functions
 from wkvaq_quant.modeling.kv import key_stats, quantize_keys
 from wkvaq_quant.quantize import fake_quantize
 
-__all__ = ["AttachHandle", "attach", "block_linears", "decoder_blocks", "decoder_linears", "find_attention_modules"]
+__all__ = ["AttachHandle", "attach", "find_cache", "block_linears", "decoder_blocks", "decoder_linears", "find_attention_modules"]
 
 HANDLE_ATTR = "_wkvaq_handle"
-ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
-_ATTN_ATTRS = ("head_dim", "num_key_value_groups", "layer_idx")
 
 
 def find_attention_modules(model: nn.Module) -> list[nn.Module]:
-    """Attention modules recognized by structure (q/k/v/o_proj Linears, head_dim, GQA groups)."""
-    found = [m for m in model.modules()
-             if all(isinstance(getattr(m, n, None), nn.Linear) for n in ATTN_PROJ)
-             and all(hasattr(m, a) for a in _ATTN_ATTRS)]
-    if not found:
-        raise ValueError(
-            f"{type(model).__name__} is not supported: no attention module with q_proj/k_proj/v_proj/o_proj "
-            f"Linears and head_dim/num_key_value_groups/layer_idx (supported: Llama, Mistral and models with "
-            f"the same attention structure)"
-        )
-    return found
+    """The attention module of every decoder block, in block order (see modeling.arch)."""
+    arch = arch_of(model)
+    return [arch.attention_of(b) for b in arch.decoder_blocks(model)]
 
 
 def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every decoder Linear (attention q/k/v/o_proj and MLP gate/up/down_proj) by its module name."""
+    """Every decoder Linear (the family's attention and MLP Linears) by its module name."""
     return {name: lin for _, _, name, lin in block_linears(model)}
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
-    """Decoder blocks in order: the modules that directly hold an attention module (by structure),
-    sorted by the attention's `layer_idx`."""
-    attn = {id(m): m for m in find_attention_modules(model)}
-    blocks = []
-    for m in model.modules():
-        inner = [c for c in m.children() if id(c) in attn]
-        if inner:
-            blocks.append((inner[0].layer_idx, m))
-    return [m for _, m in sorted(blocks, key=lambda x: x[0])]
+    """Decoder blocks in order (the family's decoder-layer modules, by their attention's `layer_idx`)."""
+    return arch_of(model).decoder_blocks(model)
 
 
 def block_linears(model: nn.Module) -> list[tuple[int, str, str, nn.Linear]]:
     """(block index, short name e.g. "down_proj", full module name, Linear) of every decoder Linear."""
-    index = {id(b): i for i, b in enumerate(decoder_blocks(model))}
+    arch = arch_of(model)
+    names = {id(m): n for n, m in model.named_modules()}
     out = []
-    for name, m in model.named_modules():
-        if id(m) not in index:
-            continue
-        for sub_name, sub in m.named_modules():
-            for names in (ATTN_PROJ, MLP_PROJ):
-                if all(isinstance(getattr(sub, n, None), nn.Linear) for n in names):
-                    out += [(index[id(m)], n, f"{name}.{sub_name}.{n}", getattr(sub, n)) for n in names]
+    for i, block in enumerate(arch.decoder_blocks(model)):
+        prefix = names[id(block)]
+        out += [(i, short, f"{prefix}.{path}" if prefix else path, lin) for short, path, lin in arch.block_linears(block)]
     return out
 
 
@@ -118,9 +97,38 @@ def _choose_attention(current: str, plan: QuantPlan) -> str | None:
     return SDPA if plan.quantizes_attention else None
 
 
+def find_cache(module: nn.Module, args: tuple, kwargs: dict):
+    """The KV cache object of one attention call, found by type among its arguments (whatever the
+    keyword: transformers 5.0-5.23 pass `past_key_values=`, 5.24 `cache=`); None without one.
+
+    Raises when more than one argument is a cache, or when a cache lacks `get_seq_length`, rather
+    than guess which one the attention updates."""
+    from transformers.cache_utils import Cache
+
+    found = [v for v in (*args, *kwargs.values()) if isinstance(v, Cache)]
+    if len(found) > 1:
+        raise RuntimeError(f"{type(module).__name__}.forward got {len(found)} KV cache objects; the project "
+                           f"cannot tell which one holds this layer's keys (transformers "
+                           f"{_transformers_version()} is not supported)")
+    if found and not callable(getattr(found[0], "get_seq_length", None)):
+        raise RuntimeError(f"{type(found[0]).__name__} has no get_seq_length(layer_idx): this transformers "
+                           f"version ({_transformers_version()}) changed the cache interface the project relies on")
+    return found[0] if found else None
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 def _track_cache(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    cache = kwargs.get("past_key_values")
-    getattr(module, STATE_ATTR).past_len = cache.get_seq_length(module.layer_idx) if cache is not None else 0
+    """Record how many tokens the cache holds before this call (and whether a cache came at all:
+    the attention function checks that against the key length it receives)."""
+    cache = find_cache(module, args, kwargs)
+    state = getattr(module, STATE_ATTR)
+    state.cache_seen = cache is not None
+    state.past_len = int(cache.get_seq_length(module.layer_idx)) if cache is not None else 0
 
 
 def _pre_rope_key_hook(state: LayerState):
@@ -206,11 +214,14 @@ def attach(model: nn.Module, plan: QuantPlan, keep_originals: bool = True) -> At
     for m in attn_modules:
         setattr(m, STATE_ATTR, LayerState(plan=plan.block_plan(m.layer_idx)))
         handle._hooks.append(m.register_forward_pre_hook(_track_cache, with_kwargs=True))
-    # K before RoPE: on k_proj's output [B, T, Hkv*d]
+    # K before RoPE: on the output [B, T, Hkv*d] of the family's key Linear (k_proj)
+    arch = arch_of(model)
+    key_linear = arch.linear_path(arch.pre_rope_key).removeprefix(f"{arch.attention}.")
     for m in attn_modules:
         bp = getattr(m, STATE_ATTR).plan
         if not bp.kv.k_post_rope and (bp.k.enabled or bp.kv.k_scale or bp.kv.k_bias):
-            handle._hooks.append(m.k_proj.register_forward_hook(_pre_rope_key_hook(getattr(m, STATE_ATTR))))
+            hook = _pre_rope_key_hook(getattr(m, STATE_ATTR))
+            handle._hooks.append(m.get_submodule(key_linear).register_forward_hook(hook))
     handle._attn_modules = attn_modules
     if target is not None:
         register_attention_functions()

@@ -40,10 +40,29 @@ class LayerState:
     plan: QuantPlan
     past_len: int = 0
     k_stats: Optional[tuple] = None
+    cache_seen: bool = False  # the current call came with a KV cache object
 
     @property
     def prefill(self) -> bool:
         return self.past_len == 0
+
+    def check_call(self, query: Tensor, key: Tensor) -> None:
+        """Fail loudly when the cache seen by the pre-hook contradicts what attention receives: keys
+        longer than the queries without a cache object mean transformers passed the cache in a way
+        the project did not find (every decoding step would be taken for a prompt); a cache that
+        already held tokens must yield more keys than queries."""
+        t_q, t_k = query.shape[-2], key.shape[-2]
+        if not self.cache_seen and t_k != t_q:
+            raise RuntimeError(
+                f"attention received {t_k} keys for {t_q} queries, but no KV cache object was found among the "
+                f"attention module's arguments: this transformers version passes its cache in a way the "
+                f"project does not recognize, and quantized decoding would be wrong; use the versions in "
+                f"constraints.txt")
+        if self.cache_seen and self.past_len > 0 and t_k <= t_q:
+            raise RuntimeError(
+                f"the KV cache reported {self.past_len} cached tokens but attention received {t_k} keys for "
+                f"{t_q} queries: this transformers version's cache interface is not supported; use the versions "
+                f"in constraints.txt")
 
 
 def _repeat_kv(x: Tensor, n_rep: int) -> Tensor:
@@ -63,6 +82,7 @@ def quantize_qkv(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
     state: LayerState | None = getattr(module, STATE_ATTR, None)
     if state is None:
         return query, key, value, None, None
+    state.check_call(query, key)
     plan = state.plan
     s = None
     if plan.kv.post_attn and state.prefill:  # the prompt attends in full precision; only the cache is quantized
@@ -200,6 +220,7 @@ def wkvaq_eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
         return eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                        **kwargs)
     if plan.kv.per_query_residual and not (plan.kv.post_attn and state.prefill):
+        state.check_call(query, key)
         return _per_query_attention(module, state, query, key, value, attention_mask, scaling, dropout)
     query, key, value, u, s_v = quantize_qkv(module, query, key, value, fold=plan.folds_v_scale)
     fold = u is not None  # no fold while a prompt attends in full precision (--kv_quant_post_attn)

@@ -1,27 +1,35 @@
-"""The weight algorithm `main.py` runs before evaluation (`--weight_algo`), looked up by name.
+"""The weight algorithm `main.py` runs before evaluation (`--weight_algo`), looked up by name in
+the registry (weights.registry) where each algorithm's module registers itself:
 
 rtn:  nothing to do here; `attach` rounds every weight to nearest (the plain path).
 gptq: GPTQ on calibration windows, in place; `attach` then applies only the rest of the plan
       (activations, KV cache), since the weights are already quantized.
-awq:  AWQ's scale and clip search on calibration windows (the `awq` package), folded into the
-      model in place; `attach` then rounds the scaled, clipped weights to nearest.
+awq:  AWQ's scale and clip search on calibration windows (weights.awq), folded into the model in
+      place; `attach` then rounds the scaled, clipped weights to nearest.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from wkvaq_quant.config import FULL_PRECISION_BITS, LINEAR_NAMES, QuantArgs, QuantPlan
+from wkvaq_quant.config import LINEAR_NAMES, QuantPlan
 from wkvaq_quant.data import CALIB_DATASETS
-from wkvaq_quant.weights.gptq import GptqConfig, gptq_quantize
+# the built-in algorithms register themselves on import, in this order (--weight_algo's choices)
+from wkvaq_quant.weights import rtn as _rtn  # noqa: F401, I001
+from wkvaq_quant.weights import gptq as _gptq  # noqa: F401, I001
+from wkvaq_quant.weights import awq as _awq  # noqa: F401, I001
+from wkvaq_quant.weights.awq.settings import AwqSearchConfig
+from wkvaq_quant.weights.gptq import GptqConfig
+from wkvaq_quant.weights.registry import AlgoSpec, get_weight_algo, weight_algo_names, without_weights
 
-__all__ = ["AWQ_SEARCH_DTYPES", "WEIGHT_ALGOS", "AwqSearchConfig", "CalibConfig", "WeightAlgo", "check_search_dtype",
-           "quantizes_weights", "run_weight_algo", "without_weights"]
+__all__ = ["WEIGHT_ALGOS", "CalibConfig", "WeightAlgo", "quantizes_weights", "run_weight_algo", "without_weights"]
+
+WEIGHT_ALGOS = weight_algo_names()
 
 
 @dataclass(frozen=True)
@@ -42,71 +50,10 @@ class CalibConfig:
                 raise ValueError(f"{flag} {v!r}: allowed: a positive integer")
 
 
-AWQ_SEARCH_DTYPES: dict[str, torch.dtype | None] = {"model": None, "bfloat16": torch.bfloat16,
-                                                    "float16": torch.float16}
-"""--search_dtype: "model" runs AWQ's scale search in the model's dtype; a lower dtype computes, for
-each Linear, only the change of its output in that dtype, on top of its recorded output (faster on
-hardware with fast bfloat16 / float16 products; see awq.auto_scale)."""
-
-
-def check_search_dtype(name: str) -> torch.dtype | None:
-    """The torch dtype of a --search_dtype name (None: the model's)."""
-    if name not in AWQ_SEARCH_DTYPES:
-        raise ValueError(f"--search_dtype {name!r}: allowed: {', '.join(AWQ_SEARCH_DTYPES)}")
-    return AWQ_SEARCH_DTYPES[name]
-
-
-@dataclass(frozen=True)
-class AwqSearchConfig:
-    """AWQ's search: `n_grid` grid points for the scale and the clip searches (--n_grid);
-    `max_shrink` and `n_sample_token`: the clip search's range and token sample (llm-awq's values);
-    `search_dtype`: the scale search's products in the model's dtype ("model") or, for their change
-    only, in a lower one (--search_dtype, see AWQ_SEARCH_DTYPES)."""
-
-    n_grid: int = 20
-    max_shrink: float = 0.5
-    n_sample_token: int = 512
-    search_dtype: str = "model"
-
-    def __post_init__(self) -> None:
-        check_search_dtype(self.search_dtype)
-        if isinstance(self.n_grid, bool) or not isinstance(self.n_grid, int) or self.n_grid <= 0:
-            raise ValueError(f"--n_grid {self.n_grid!r}: allowed: a positive integer")
-        if not 0 <= self.max_shrink < 1 or self.n_sample_token <= 0:
-            raise ValueError(f"AWQ clip search: max_shrink {self.max_shrink} (allowed: [0, 1)), n_sample_token "
-                             f"{self.n_sample_token} (allowed: > 0)")
-
-
-def _run_rtn(model: nn.Module, plan: QuantPlan, algo: WeightAlgo, calib: Tensor | None, device: str,
-             progress: bool) -> QuantPlan:
-    return plan
-
-
-def _run_gptq(model: nn.Module, plan: QuantPlan, algo: WeightAlgo, calib: Tensor | None, device: str,
-              progress: bool) -> QuantPlan:
-    gptq_quantize(model, plan, calib, algo.gptq, device, batch_size=1, progress=progress)
-    return without_weights(plan)
-
-
-def _run_awq(model: nn.Module, plan: QuantPlan, algo: WeightAlgo, calib: Tensor | None, device: str,
-             progress: bool) -> QuantPlan:
-    from awq.pre_quant import run_awq
-
-    a = algo.awq
-    run_awq(model, plan, calib, "", device, n_grid=a.n_grid, max_shrink=a.max_shrink, n_sample_token=a.n_sample_token,
-            progress=progress, record_grids=False, search_dtype=a.search_dtype)
-    return plan
-
-
-_RUNNERS: dict[str, Callable[..., QuantPlan]] = {"rtn": _run_rtn, "gptq": _run_gptq, "awq": _run_awq}
-WEIGHT_ALGOS = tuple(_RUNNERS)
-_NEEDS_CALIB = {"rtn": False, "gptq": True, "awq": True}
-_NEXT_INPUTS = {"awq": "fp"}  # AWQ: every block searches on the full-precision model's inputs, as llm-awq
-
-
 @dataclass(frozen=True)
 class WeightAlgo:
-    """name: one of WEIGHT_ALGOS. gptq / awq: their settings. calib: the calibration data (unused by rtn)."""
+    """name: a registered algorithm (WEIGHT_ALGOS). gptq / awq: their settings. calib: the
+    calibration data (unused by rtn)."""
 
     name: str = "rtn"
     gptq: GptqConfig = field(default_factory=GptqConfig)
@@ -114,56 +61,48 @@ class WeightAlgo:
     awq: AwqSearchConfig = field(default_factory=AwqSearchConfig)
 
     def __post_init__(self) -> None:
-        if self.name not in WEIGHT_ALGOS:
-            raise ValueError(f"--weight_algo {self.name!r}: allowed: {', '.join(WEIGHT_ALGOS)}")
+        get_weight_algo(self.name)
         if not isinstance(self.gptq, GptqConfig) or not isinstance(self.calib, CalibConfig) \
                 or not isinstance(self.awq, AwqSearchConfig):
             raise ValueError("WeightAlgo.gptq must be a GptqConfig, WeightAlgo.calib a CalibConfig and WeightAlgo.awq "
                              "an AwqSearchConfig")
 
     @property
+    def spec(self) -> AlgoSpec:
+        return get_weight_algo(self.name)
+
+    @property
+    def settings(self) -> Any:
+        """The algorithm's own settings (None for RTN)."""
+        return getattr(self, self.spec.settings) if self.spec.settings else None
+
+    @property
     def needs_calib(self) -> bool:
-        return _NEEDS_CALIB[self.name]
+        return self.spec.needs_calib
 
     @property
     def next_inputs(self) -> str:
         """What the block after a calibrated one sees (blocks.NEXT_INPUTS)."""
-        return self.gptq.next_inputs if self.name == "gptq" else _NEXT_INPUTS.get(self.name, "quantized")
+        return self.spec.next_inputs(self)
 
     def check_offload_activations(self) -> None:
         """Refuse --offload_activations where the algorithm keeps the activations in memory anyway."""
-        if self.name == "gptq" and self.gptq.single_pass:
-            raise ValueError("--offload_activations with --gptq_single_pass: the single pass keeps every batch's "
-                             "activations in memory; allowed: one of the two")
+        if self.spec.check_offload is not None:
+            self.spec.check_offload(self)
 
     def to_dict(self, result_only: bool = False) -> dict[str, Any]:
         """Every setting; with `result_only` those that decide the weights (no execution-only
         fields such as GPTQ's single_pass): what result names and layer-wise resumption key on."""
-        if self.name == "rtn":
-            return {"name": "rtn"}
-        if self.name == "awq":
-            return {"name": "awq", "awq": dataclasses.asdict(self.awq), "calib": dataclasses.asdict(self.calib)}
-        gptq = self.gptq.result_dict() if result_only else self.gptq.to_dict()
-        return {"name": self.name, "gptq": gptq, "calib": dataclasses.asdict(self.calib)}
+        settings = self.settings
+        if settings is None:
+            return {"name": self.name}
+        as_dict = settings.result_dict() if result_only and hasattr(settings, "result_dict") \
+            else dataclasses.asdict(settings)
+        return {"name": self.name, self.spec.settings: as_dict, "calib": dataclasses.asdict(self.calib)}
 
     def slug(self) -> str:
         """e.g. `gptq-ao-sg-fpin-n32x512`, `awq-g20-n128x512` (RTN: empty, so earlier result names stay)."""
-        if self.name == "rtn":
-            return ""
-        g, c = self.gptq, self.calib
-        if self.name == "awq":
-            return f"awq-g{self.awq.n_grid}-n{c.n_samples}x{c.seq_len}"
-        parts = [self.name]
-        if g.act_order:
-            parts.append("ao")
-        if g.static_groups:
-            parts.append("sg")
-        if g.next_inputs == "fp":
-            parts.append("fpin")
-        if g.percdamp != GptqConfig.percdamp:
-            parts.append(f"d{g.percdamp:g}")
-        parts.append(f"n{c.n_samples}x{c.seq_len}")
-        return "-".join(parts)
+        return self.spec.slug(self)
 
 
 def quantizes_weights(plan: QuantPlan) -> bool:
@@ -173,20 +112,10 @@ def quantizes_weights(plan: QuantPlan) -> bool:
     return any(plan.linear_args(b, n)[0].enabled for b in plan.layers.blocks_named() for n in LINEAR_NAMES)
 
 
-def without_weights(plan: QuantPlan) -> QuantPlan:
-    """`plan` with every weight setting off (activation and KV settings kept)."""
-    w_off = QuantArgs(bits=FULL_PRECISION_BITS, target="weight")
-    layers = plan.layers
-    if layers is not None:
-        settings = tuple(dataclasses.replace(s, w=w_off) if s.w is not None else s for s in layers.settings)
-        layers = dataclasses.replace(layers, settings=settings)
-    return dataclasses.replace(plan, w=w_off, layers=layers)
-
-
 @torch.no_grad()
 def run_weight_algo(model: nn.Module, plan: QuantPlan, algo: WeightAlgo, calib: Tensor | None, device: str = "cpu",
                     progress: bool = True) -> QuantPlan:
     """Run `algo` on `model` in place; returns the plan `attach` still has to apply."""
     if algo.needs_calib and calib is None:
         raise ValueError(f"--weight_algo {algo.name} needs calibration windows")
-    return _RUNNERS[algo.name](model, plan, algo, calib, device, progress)
+    return algo.spec.run(model, plan, algo, calib, device, progress)

@@ -33,16 +33,16 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from wkvaq_quant.arch import arch_of
 from wkvaq_quant.config import QuantArgs, QuantPlan
 from wkvaq_quant.formats import QParams, get_format
 from wkvaq_quant.modeling.attach import block_linears
+from wkvaq_quant.weights.registry import AlgoSpec, register_weight_algo, without_weights
 from wkvaq_quant.weights.blocks import NEXT_INPUTS, BlockInputs, PausedForwards, capture_block_inputs, for_each_block
 
-__all__ = ["SEQUENTIAL", "GptqBlockResult", "GptqConfig", "GptqResult", "HessianAccumulator", "gptq_block",
+__all__ = ["GptqBlockResult", "GptqConfig", "GptqResult", "HessianAccumulator", "gptq_block",
            "gptq_quantize", "gptq_weight", "group_hessians"]
 
-SEQUENTIAL = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
-"""True-sequential order of the Linears inside a decoder block (short names)."""
 
 
 @dataclass(frozen=True)
@@ -292,10 +292,12 @@ def group_hessians(block: nn.Module, modules: list[nn.Module], inputs: BlockInpu
     return [accs[owner[i]].H for i in range(len(modules))]
 
 
-def _sequential_groups(linears: list[tuple[str, nn.Linear]]) -> list[list[tuple[str, nn.Linear]]]:
-    """The block's Linears in true-sequential order; Linears SEQUENTIAL does not name come last."""
-    named = {n for g in SEQUENTIAL for n in g}
-    groups = [[(s, m) for s, m in linears if s in g] for g in SEQUENTIAL]
+def _sequential_groups(block: nn.Module, linears: list[tuple[str, nn.Linear]]) -> list[list[tuple[str, nn.Linear]]]:
+    """The block's Linears in its family's true-sequential order (wkvaq_quant.arch); Linears the
+    order does not name come last."""
+    sequential = arch_of(block).sequential
+    named = {n for g in sequential for n in g}
+    groups = [[(s, m) for s, m in linears if s in g] for g in sequential]
     groups.append([(s, m) for s, m in linears if s not in named])
     return [g for g in groups if g]
 
@@ -309,11 +311,11 @@ class GptqBlockResult:
     outputs: BlockInputs | None = None
 
 
-def _enabled_groups(block_index: int, linears: list[tuple[str, nn.Linear]], plan: QuantPlan) \
+def _enabled_groups(block: nn.Module, block_index: int, linears: list[tuple[str, nn.Linear]], plan: QuantPlan) \
         -> list[list[tuple[str, nn.Linear, QuantArgs]]]:
     """The true-sequential groups of (short name, Linear, weight args), quantized Linears only."""
     groups = []
-    for group in _sequential_groups(linears):
+    for group in _sequential_groups(block, linears):
         todo = [(s, m, plan.linear_args(block_index, s)[0]) for s, m in group]
         todo = [(s, m, a) for s, m, a in todo if a.enabled]
         if todo:
@@ -339,7 +341,7 @@ def gptq_block(block: nn.Module, index: int, linears: list[tuple[str, nn.Linear]
     """GPTQ every enabled Linear (short name, module) of decoder block `index` (on `device`) in
     true-sequential order, in place; returns the loss of each quantized Linear by short name
     (and, with cfg.single_pass, the quantized block's outputs)."""
-    groups = _enabled_groups(index, linears, plan)
+    groups = _enabled_groups(block, index, linears, plan)
     if cfg.single_pass:
         return _gptq_block_single_pass(block, index, groups, inputs, cfg, device)
     losses: dict[str, float] = {}
@@ -419,3 +421,40 @@ def gptq_quantize(model: nn.Module, plan: QuantPlan, calib_ids: Tensor, cfg: Gpt
     for_each_block(model, inputs, process, device, next_inputs=cfg.next_inputs, progress=progress,
                    desc="GPTQ blocks")
     return losses
+
+
+def _run(model: nn.Module, plan: QuantPlan, algo: Any, calib: Tensor, device: str, progress: bool) -> QuantPlan:
+    gptq_quantize(model, plan, calib, algo.gptq, device, batch_size=1, progress=progress)
+    return without_weights(plan)
+
+
+def _layer_wise_block(model: nn.Module, index: int, block: nn.Module, prefix: str, inputs: BlockInputs,
+                      plan: QuantPlan, algo: Any, device: torch.device | str) -> BlockInputs | None:
+    linears = [(short, lin) for short, _, lin in arch_of(block).block_linears(block)]
+    return gptq_block(block, index, linears, inputs, plan, algo.gptq, device).outputs
+
+
+def _slug(algo: Any) -> str:
+    g, c = algo.gptq, algo.calib
+    parts = ["gptq"]
+    if g.act_order:
+        parts.append("ao")
+    if g.static_groups:
+        parts.append("sg")
+    if g.next_inputs == "fp":
+        parts.append("fpin")
+    if g.percdamp != GptqConfig.percdamp:
+        parts.append(f"d{g.percdamp:g}")
+    parts.append(f"n{c.n_samples}x{c.seq_len}")
+    return "-".join(parts)
+
+
+def _check_offload(algo: Any) -> None:
+    if algo.gptq.single_pass:
+        raise ValueError("--offload_activations with --gptq_single_pass: the single pass keeps every batch's "
+                         "activations in memory; allowed: one of the two")
+
+
+register_weight_algo(AlgoSpec(name="gptq", method="Gptq", needs_calib=True, run=_run, block=_layer_wise_block,
+                              settings="gptq", next_inputs=lambda algo: algo.gptq.next_inputs, slug=_slug,
+                              check_offload=_check_offload))

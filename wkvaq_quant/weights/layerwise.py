@@ -39,11 +39,9 @@ from tqdm.auto import tqdm
 from wkvaq_quant.config import QuantArgs, QuantPlan
 from wkvaq_quant.modeling.attach import block_linears, decoder_blocks
 from wkvaq_quant.results import atomic_write_json
-from wkvaq_quant.weights.algo import WEIGHT_ALGOS, WeightAlgo, check_search_dtype
+from wkvaq_quant.weights.algo import WEIGHT_ALGOS, WeightAlgo
 from wkvaq_quant.quantize import quantize
 from wkvaq_quant.weights.blocks import BlockInputs, advance_block, capture_block_inputs, outside_modules
-from wkvaq_quant.weights.gptq import gptq_block
-from wkvaq_quant.weights.rtn import rtn_quantize
 from wkvaq_quant.weights.safetensors_io import ShardWriter, TensorEntry, read_entries, read_rows, read_tensor, row_chunks
 
 __all__ = ["ACTIVATIONS_DIR", "INDEX_FILE", "STATE_FILE", "SafetensorsCheckpoint", "quantize_layer_wise"]
@@ -316,7 +314,7 @@ def quantize_layer_wise(src: str | Path, out: str | Path, plan: QuantPlan, algo:
             _load_block(sk, i, ckpt, dtype)
             block = sk.blocks[i].to(device)
             inputs = advance_block(block, i, inputs, _calibrated(sk, plan, algo, device), device, algo.next_inputs,
-                                   fp_outputs_from_process=algo.name == "awq")
+                                   fp_outputs_from_process=algo.spec.fp_outputs_from_process)
             block.to("cpu")
             state["shards"][str(i)] = _write_block(sk, i, out, *_module_block(sk, i))
             _release_block(sk, i)
@@ -332,22 +330,12 @@ def quantize_layer_wise(src: str | Path, out: str | Path, plan: QuantPlan, algo:
 
 
 def _calibrated(sk: _Skeleton, plan: QuantPlan, algo: WeightAlgo, device: str) -> Callable:
-    """process(i, block, inputs) of a calibrated algorithm: quantize block i in place."""
+    """process(i, block, inputs) of a calibrated algorithm: quantize block i in place (its registered step)."""
 
-    def gptq(i: int, block: nn.Module, inputs: BlockInputs) -> BlockInputs | None:
-        lins = [(short, lin) for b, short, _, lin in block_linears(sk.model) if b == i]
-        return gptq_block(block, i, lins, inputs, plan, algo.gptq, device).outputs
+    def process(i: int, block: nn.Module, inputs: BlockInputs) -> BlockInputs | None:
+        return algo.spec.block(sk.model, i, block, sk.prefixes[i], inputs, plan, algo, device)
 
-    def awq(i: int, block: nn.Module, inputs: BlockInputs) -> BlockInputs:
-        from awq.pre_quant import awq_block
-
-        a = algo.awq
-        fp_out = awq_block(block, sk.prefixes[i], i, inputs, plan, device, a.n_grid, a.max_shrink, a.n_sample_token,
-                           {"scale": {}, "clip": {}}, check_search_dtype(a.search_dtype))
-        rtn_quantize(sk.model, plan, blocks={i})
-        return fp_out
-
-    return {"gptq": gptq, "awq": awq}[algo.name]
+    return process
 
 
 def _shard_bytes(path: Path) -> tuple[list[str], int]:

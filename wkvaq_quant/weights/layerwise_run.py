@@ -11,7 +11,7 @@ from typing import Any
 from wkvaq_quant.data import get_calib_windows, resolve_text_source
 from wkvaq_quant.models import DTYPES, _pretrained_path, check_model_available, load_tokenizer, resolve_model
 from wkvaq_quant.run import RunConfig, _check_device
-from wkvaq_quant.weights.algo import without_weights
+from wkvaq_quant.weights.registry import without_weights
 from wkvaq_quant.weights.layerwise import quantize_layer_wise
 
 __all__ = ["check_layer_wise", "run_layer_wise"]

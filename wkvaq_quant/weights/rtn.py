@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from wkvaq_quant.config import QuantPlan
 from wkvaq_quant.modeling.attach import block_linears
 from wkvaq_quant.quantize import quantize
+from wkvaq_quant.weights.registry import AlgoSpec, register_weight_algo, run_nothing
 
 __all__ = ["rtn_quantize"]
 
@@ -33,3 +34,6 @@ def rtn_quantize(model: nn.Module, plan: QuantPlan, device: torch.device | str |
         if res.grid is not None:
             grids[name] = res.grid.to(device="cpu", dtype=torch.uint8)
     return grids
+
+
+register_weight_algo(AlgoSpec(name="rtn", method="RTN", needs_calib=False, run=run_nothing))

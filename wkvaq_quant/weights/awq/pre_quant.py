@@ -21,15 +21,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from awq.apply import clip_weight, fold_scales
-from awq.auto_clip import CLIP_SKIP, search_clip
-from awq.auto_scale import search_scale
-from awq.cache import cache_meta
-from awq.features import collect_features
-from awq.structure import block_parts, scale_groups
+from wkvaq_quant.weights.awq.apply import clip_weight, fold_scales
+from wkvaq_quant.weights.awq.auto_clip import search_clip
+from wkvaq_quant.weights.awq.auto_scale import search_scale
+from wkvaq_quant.weights.awq.cache import cache_meta
+from wkvaq_quant.weights.awq.features import collect_features
+from wkvaq_quant.weights.awq.settings import check_search_dtype
+from wkvaq_quant.weights.awq.structure import block_parts, clip_skip, scale_groups
 from wkvaq_quant.config import QuantArgs, QuantPlan
 from wkvaq_quant.modeling.attach import block_linears
-from wkvaq_quant.weights.algo import check_search_dtype
 from wkvaq_quant.weights.blocks import BlockInputs, capture_block_inputs, for_each_block, run_block
 from wkvaq_quant.weights.rtn import rtn_quantize
 
@@ -63,8 +63,9 @@ def awq_block(block: nn.Module, prefix: str, index: int, inputs: BlockInputs, pl
         feats.divide_inputs(g.layers, found.scales)
         out["scale"][f"{prefix}.{g.prev}"] = {"layers": [f"{prefix}.{n}" for n in g.layers], "scales": found.scales,
                                               "alpha": found.alpha}
+    skip = clip_skip(block)
     for n in lin_names:
-        if not w_args[n].enabled or n.rsplit(".", 1)[-1] in CLIP_SKIP:
+        if not w_args[n].enabled or n.rsplit(".", 1)[-1] in skip:
             continue
         lin = block.get_submodule(n)
         max_val = search_clip(lin.weight, feats.inputs[n], w_args[n], n_grid, max_shrink, n_sample_token).cpu()
@@ -77,9 +78,9 @@ def run_awq(model: nn.Module, plan: QuantPlan, calib_ids: Tensor, model_id: str,
             n_grid: int = 20, max_shrink: float = 0.5, n_sample_token: int = 512, batch_size: int = 1,
             progress: bool = True, record_grids: bool = True, search_dtype: str = "model") -> dict[str, Any]:
     """Search AWQ scales and clips on `calib_ids` [n, T]; returns the cache
-    {"scale", "clip", "grid", "meta"} (see awq.cache; "grid" only with `record_grids`, which
+    {"scale", "clip", "grid", "meta"} (see wkvaq_quant.weights.awq.cache; "grid" only with `record_grids`, which
     quantizes a copy of every weight once more). The model is left scaled and clipped.
-    `search_dtype`: see wkvaq_quant.weights.algo.AWQ_SEARCH_DTYPES."""
+    `search_dtype`: see wkvaq_quant.weights.awq.settings.AWQ_SEARCH_DTYPES."""
     if n_grid <= 0 or not 0 <= max_shrink < 1 or n_sample_token <= 0:
         raise ValueError(f"n_grid {n_grid} (> 0), max_shrink {max_shrink} (in [0, 1)), n_sample_token "
                          f"{n_sample_token} (> 0)")

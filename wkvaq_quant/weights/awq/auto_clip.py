@@ -12,7 +12,7 @@ once per Linear. That is the reference's error in exact arithmetic, in group_siz
 of its multiply-adds per candidate, and without subtracting two nearly equal outputs.
 
 As in the reference implementation, q_proj and k_proj are not clipped: their outputs meet in
-the attention scores, which the per-linear output error does not see (CLIP_SKIP).
+the attention scores, which the per-linear output error does not see (the family's `clip_skip` in wkvaq_quant.arch).
 """
 
 from __future__ import annotations
@@ -21,13 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from awq.apply import group_columns
+from wkvaq_quant.weights.awq.apply import group_columns
 from wkvaq_quant.config import QuantArgs
 from wkvaq_quant.quantize import fake_quantize
 
-__all__ = ["CLIP_SKIP", "search_clip"]
-
-CLIP_SKIP = ("q_proj", "k_proj")
+__all__ = ["search_clip"]
 
 
 @torch.no_grad()

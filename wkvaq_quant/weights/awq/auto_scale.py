@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from awq.features import BlockFeatures
-from awq.structure import ScaleGroup
+from wkvaq_quant.weights.awq.features import BlockFeatures
+from wkvaq_quant.weights.awq.structure import ScaleGroup
 from wkvaq_quant.config import QuantArgs
 from wkvaq_quant.quantize import fake_quantize
 

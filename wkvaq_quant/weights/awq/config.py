@@ -8,7 +8,7 @@ from pathlib import Path
 
 from wkvaq_quant.config import W_DTYPES, QuantPlan
 from wkvaq_quant.mix_bits import load_quant_config
-from wkvaq_quant.weights.algo import check_search_dtype
+from wkvaq_quant.weights.awq.settings import check_search_dtype
 
 __all__ = ["AwqConfig"]
 
@@ -39,7 +39,7 @@ class AwqConfig:
     seed: int = 0
     data_dir: str | None = None
     n_grid: int = 20
-    search_dtype: str = "model"  # see wkvaq_quant.weights.algo.AWQ_SEARCH_DTYPES
+    search_dtype: str = "model"  # see wkvaq_quant.weights.awq.settings.AWQ_SEARCH_DTYPES
     batch_size: int = 1
     trust_remote_code: bool = False
     config: str | None = None  # llmc-style YAML: per-layer settings (mix_bits) refining the flags
@@ -82,7 +82,8 @@ class AwqConfig:
                 raise ValueError(f"--use_double_quant: {err}") from None
         if self.config:
             quant = load_quant_config(self.config)
-            if quant.method == "Gptq" or (quant.method == "RTN" and (self.run_awq or self.load_awq)):
+            rtn_export = quant.method == "RTN" and not (self.run_awq or self.load_awq)
+            if quant.method != "Awq" and not rtn_export:
                 raise ValueError(f"--config {self.config}: quant.method {quant.method} cannot run in awq.entry; "
                                  f"allowed: quant.method Awq (or RTN with --dump_fake alone)")
             try:

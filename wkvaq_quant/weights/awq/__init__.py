@@ -1,0 +1,42 @@
+"""Activation-aware weight quantization (AWQ) with INT and BitMoD weights: the scale and clip
+search (auto_scale, auto_clip), folding (apply), the search cache (cache) and the run over a
+model's blocks (pre_quant). Registers `--weight_algo awq` (llmc `quant.method: Awq`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from wkvaq_quant.config import QuantPlan
+from wkvaq_quant.weights.awq.pre_quant import awq_block, run_awq
+from wkvaq_quant.weights.awq.settings import check_search_dtype
+from wkvaq_quant.weights.blocks import BlockInputs
+from wkvaq_quant.weights.registry import AlgoSpec, register_weight_algo
+from wkvaq_quant.weights.rtn import rtn_quantize
+
+
+def _run(model: nn.Module, plan: QuantPlan, algo: Any, calib: Tensor, device: str, progress: bool) -> QuantPlan:
+    a = algo.awq
+    run_awq(model, plan, calib, "", device, n_grid=a.n_grid, max_shrink=a.max_shrink, n_sample_token=a.n_sample_token,
+            progress=progress, record_grids=False, search_dtype=a.search_dtype)
+    return plan
+
+
+def _layer_wise_block(model: nn.Module, index: int, block: nn.Module, prefix: str, inputs: BlockInputs,
+                      plan: QuantPlan, algo: Any, device: torch.device | str) -> BlockInputs:
+    a = algo.awq
+    fp_out = awq_block(block, prefix, index, inputs, plan, device, a.n_grid, a.max_shrink, a.n_sample_token,
+                       {"scale": {}, "clip": {}}, check_search_dtype(a.search_dtype))
+    rtn_quantize(model, plan, blocks={index})
+    return fp_out
+
+
+def _slug(algo: Any) -> str:
+    return f"awq-g{algo.awq.n_grid}-n{algo.calib.n_samples}x{algo.calib.seq_len}"
+
+
+# every block searches on the full-precision model's inputs, as llm-awq
+register_weight_algo(AlgoSpec(name="awq", method="Awq", needs_calib=True, run=_run, block=_layer_wise_block,
+                              settings="awq", next_inputs=lambda algo: "fp", fp_outputs_from_process=True, slug=_slug))
