@@ -10,7 +10,7 @@ from wkvaq_quant.data import DataUnavailableError
 from wkvaq_quant.eval.ppl import NonFiniteLossError
 from wkvaq_quant.models import UnknownModelError
 from wkvaq_quant.run import format_table, result_status, run, show_plan
-from wkvaq_quant.weights.layerwise_run import run_layer_wise
+from wkvaq_quant.layerwise_run import run_layer_wise
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,10 +25,9 @@ from wkvaq_quant.weights.awq.pre_quant import apply_awq, run_awq
 from wkvaq_quant.cli import add_calib_args, explicit_flags
 from wkvaq_quant.config import W_DTYPES
 from wkvaq_quant.data import DataUnavailableError, get_calib_windows, resolve_text_source
-from wkvaq_quant.models import DTYPES, EMBEDDED_MODEL, UnknownModelError, check_model_available, load_model, \
-    load_tokenizer, model_depth, resolve_model
+from wkvaq_quant.models import DTYPES, EMBEDDED_MODEL, UnknownModelError, load_model, load_tokenizer
 from wkvaq_quant.results import atomic_write_json
-from wkvaq_quant.run import DEVICES, _check_device
+from wkvaq_quant.run import DEVICES, prepare_model
 from wkvaq_quant.weights.awq.settings import AWQ_SEARCH_DTYPES
 from wkvaq_quant.weights.rtn import rtn_quantize
 
@@ -109,11 +108,8 @@ def _dump_fake(model, tokenizer, cfg: AwqConfig, info: dict) -> None:
 def run(cfg: AwqConfig, log=print) -> dict:
     """Search and/or apply AWQ per `cfg`; returns a summary (times, peak RSS, paths)."""
     started = time.perf_counter()
-    source = check_model_available(resolve_model(cfg.model))
-    _check_device(cfg.device)
     plan = cfg.plan()
-    if plan.layers is not None:
-        plan.layers.check_depth(model_depth(source, cfg.trust_remote_code))
+    source, _ = prepare_model(cfg.model, cfg.device, plan, cfg.trust_remote_code, f"--config {cfg.config}")
     cache = load_cache(cfg.load_awq) if cfg.load_awq else None
     if cache is not None:
         check_cache_model(cache, source.name, cfg.load_awq)

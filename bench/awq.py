@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SECTION = "## AWQ (bench/awq.py)"
 
-from wkvaq_quant.config import QuantPlan  # noqa: E402
+from wkvaq_quant.plan import QuantPlan  # noqa: E402
 from wkvaq_quant.data import get_eval_windows, resolve_text_source  # noqa: E402
 from wkvaq_quant.eval.ppl import evaluate_perplexity  # noqa: E402
 from wkvaq_quant.modeling.checkpoint import load_checkpoint_weights  # noqa: E402

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SECTION = "## GPTQ block time against an earlier revision (bench/gptq_block_time.py)"
 
-from wkvaq_quant.config import QuantPlan  # noqa: E402
+from wkvaq_quant.plan import QuantPlan  # noqa: E402
 from wkvaq_quant.data import get_calib_windows, resolve_text_source  # noqa: E402
 from wkvaq_quant.models import load_model, load_tokenizer, resolve_model  # noqa: E402
 from wkvaq_quant.weights import gptq as current  # noqa: E402

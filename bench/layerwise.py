@@ -90,7 +90,7 @@ print(sum(math.prod(s) for s in shapes.values()))
 WHOLE = """
 import json, resource, sys, time
 t0 = time.perf_counter()
-from wkvaq_quant.config import QuantPlan
+from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.models import load_model, load_tokenizer, resolve_model
 from wkvaq_quant.weights.algo import CalibConfig
 plan = QuantPlan.from_flags(w_bits=4, w_group_size=128)

@@ -128,7 +128,7 @@ def fold_saturation(args: argparse.Namespace) -> list[str]:
     import torch
 
     import wkvaq_quant.modeling.attention as attention
-    from wkvaq_quant.config import QuantPlan
+    from wkvaq_quant.plan import QuantPlan
     from wkvaq_quant.data import check_datasets, get_eval_windows
     from wkvaq_quant.formats.prob import UFLOAT_SPECS
     from wkvaq_quant.models import load_model, load_tokenizer, resolve_model

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from wkvaq_quant.arch import ARCHS, UnsupportedModelError, arch_for_config, arch_of
-from wkvaq_quant.config import QuantPlan
+from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.mix_bits import METHODS
 from wkvaq_quant.modeling import attach
 from wkvaq_quant.models import UnknownModelError, check_model_available, resolve_model

@@ -8,7 +8,7 @@ import pytest
 import main as main_module
 from tests.helpers import main_argv
 from wkvaq_quant.cli import parse_config
-from wkvaq_quant.config import QuantPlan
+from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.run import RunConfig
 
 
@@ -24,7 +24,9 @@ from wkvaq_quant.run import RunConfig
         (["--q_bits", "6"], "--q_bits 6: .*allowed: 8"),
         (["--p_bits", "4"], "--p_bits 4: .*allowed: 8, 12"),
         (["--w_bits", "5", "--w_dtype", "fp4_e2m1"], "--w_bits 5: .*allowed: 4"),
-        (["--k_bits", "4", "--k_group_size", "0"], "--k_bits 4: .*group_size"),
+        (["--k_bits", "4", "--k_group_size", "0"], "--k_group_size 0: invalid group size"),
+        (["--w_bits", "4", "--w_group_size", "-2"], "--w_group_size -2: invalid group size"),
+        (["--w_bits", "17"], "--w_bits 17: out of range; allowed: 1..16"),
         (["--kv_residual_len", "-2"], "--kv_residual_len -2"),
     ],
 )

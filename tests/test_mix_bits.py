@@ -7,8 +7,11 @@ import re
 import pytest
 import yaml
 
-from wkvaq_quant.config import QuantArgs, QuantPlan
-from wkvaq_quant.mix_bits import LayerTarget, load_quant_config, parse_quant_config
+from wkvaq_quant.config import QuantArgs
+
+from wkvaq_quant.plan import QuantPlan
+from wkvaq_quant.mix_bits import load_quant_config, parse_quant_config
+from wkvaq_quant.plan import LayerTarget
 from wkvaq_quant.run import RunConfig
 
 HEAD = "quant:\n  method: RTN\n  weight: {bit: 4, group_size: 128}\n  mix_bits:\n    setting_0:\n"

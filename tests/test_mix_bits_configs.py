@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from wkvaq_quant.config import QuantArgs, QuantPlan
+from wkvaq_quant.config import QuantArgs
+
+from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.mix_bits import load_quant_config
 from wkvaq_quant.modeling import attach
 from wkvaq_quant.modeling.attach import block_linears, decoder_blocks

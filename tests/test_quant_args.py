@@ -15,9 +15,9 @@ def test_registry_lists_every_format():
 @pytest.mark.parametrize(
     "kwargs, field, allowed",
     [
-        (dict(bits=0), "bits", "1..32"),
-        (dict(bits=33), "bits", "1..32"),
-        (dict(bits=-4), "bits", "1..32"),
+        (dict(bits=0), "bits", "1..16"),
+        (dict(bits=17), "bits", "1..16"),
+        (dict(bits=-4), "bits", "1..16"),
         (dict(bits=4.0), "bits", "an integer"),
         (dict(bits=True), "bits", "an integer"),
         (dict(bits=4, dtype="nf4"), "dtype", "'bitmod', 'fp4_e2m1', 'fp8_e4m3', 'int', 'ufloat'"),
@@ -80,7 +80,7 @@ def test_bits_16_and_above_is_off_for_any_format():
         target = "prob" if dtype == "ufloat" else "weight"
         args = QuantArgs(bits=16, dtype=dtype, target=target)
         assert not args.enabled
-    assert not QuantArgs(bits=32).enabled
+    assert not QuantArgs(bits=16).enabled
     assert QuantArgs(bits=15).enabled
 
 

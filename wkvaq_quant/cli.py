@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from .config import A_DTYPES, KV_METHODS, RESIDUAL_MODES, W_DTYPES, QuantPlan
+from .config import A_DTYPES, KV_METHODS, RESIDUAL_MODES, W_DTYPES
+
+from .plan import QuantPlan
 from .data import CALIB_DATASETS, EVAL_DATASETS
 from .eval.lm_eval import LMEvalSettings
 from .mix_bits import load_quant_config

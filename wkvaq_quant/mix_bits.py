@@ -16,31 +16,25 @@ asymmetric weights, symmetric per-token activations).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
-from wkvaq_quant.config import A_DTYPES, FULL_PRECISION_BITS, LINEAR_NAMES, W_DTYPES, QuantArgs, QuantPlan
+from wkvaq_quant.config import A_DTYPES, FULL_PRECISION_BITS, LINEAR_NAMES, W_DTYPES, FieldError, QuantArgs
+from wkvaq_quant.plan import FLAGS, LayerMap, LayerTarget, MixSetting, QuantPlan, structure_error
 
 __all__ = [
     "LINEAR_NAMES",
     "METHODS",
-    "LayerMap",
-    "LayerTarget",
     "LlmcQuant",
-    "MixSetting",
     "load_quant_config",
     "parse_quant_config",
 ]
 
 METHODS = ("RTN", "Awq", "Gptq")
 """Weight algorithms, in llmc's spelling (matched case-insensitively)."""
-GENERIC_BLOCK = -1
-"""Stands for "a block that no `#` list names" when asking the map (`LayerMap.blocks_named`)."""
 
 _TOP_KEYS = ("quant",)
 _QUANT_KEYS = ("method", "weight", "act", "mix_bits")
@@ -67,168 +61,6 @@ def _allowed(values: Any) -> str:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-# ---------------------------------------------------------------------------------------
-# The map QuantPlan holds: ordered settings with resolved QuantArgs
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LayerTarget:
-    """One `layer_name` entry: `down_proj#13-21` is down_proj in blocks 13 and 21 (a list, not a
-    range); no `#` (blocks=None) means every block."""
-
-    layer: str
-    blocks: tuple[int, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if self.layer not in LINEAR_NAMES:
-            raise ValueError(f"unknown layer name {self.layer!r}; allowed: {_allowed(LINEAR_NAMES)}")
-        if self.blocks is not None:
-            if not self.blocks or not all(_is_int(b) and b >= 0 for b in self.blocks):
-                raise ValueError(f"block indices {self.blocks!r} must be a non-empty list of integers >= 0")
-            if len(set(self.blocks)) != len(self.blocks):
-                raise ValueError(f"block indices {self.blocks!r} repeat a block")
-
-    @classmethod
-    def parse(cls, text: Any) -> LayerTarget:
-        if not isinstance(text, str):
-            raise ValueError(f"entry {text!r} must be a string like 'down_proj' or 'down_proj#0-1-31'")
-        name, sep, rest = text.partition("#")
-        if not sep:
-            return cls(name)
-        parts = rest.split("-")
-        if not all(p.isdigit() for p in parts):
-            raise ValueError(f"entry {text!r}: after '#' come block indices joined by '-', e.g. 'down_proj#0-1-31'")
-        return cls(name, tuple(int(p) for p in parts))
-
-    def matches(self, block: int, layer: str | None = None) -> bool:
-        """True when this entry names `layer` (any layer when None) in `block`."""
-        return (layer is None or layer == self.layer) and (self.blocks is None or block in self.blocks)
-
-    def text(self) -> str:
-        return self.layer if self.blocks is None else f"{self.layer}#" + "-".join(map(str, self.blocks))
-
-
-def _structure_error(do_quant: bool, has_w: bool, has_a: bool, k_bits: Any, v_bits: Any) -> str | None:
-    """What is wrong with the shape of a setting (None when nothing)."""
-    if not do_quant:
-        given = [k for k, v in (("weight", has_w), ("act", has_a), ("k_bits", k_bits is not None),
-                                ("v_bits", v_bits is not None)) if v]
-        if given:
-            return (f"do_quant: False keeps its layers in full precision, so it cannot also set {', '.join(given)}; "
-                    f"allowed: do_quant: False alone, or do_quant: True with bit settings")
-        return None
-    if has_a and not has_w:
-        return "an 'act' section needs a 'weight' section in the same setting"
-    if not has_w and k_bits is None and v_bits is None:
-        return "sets nothing; give weight (and act), k_bits / v_bits, or do_quant: False"
-    return None
-
-
-@dataclass(frozen=True)
-class MixSetting:
-    """One `mix_bits` setting, resolved.
-
-    targets:  the layers (and blocks) it applies to.
-    do_quant: False keeps the named layers' weights and inputs in full precision.
-    w, a:     weight / input-activation settings of the named layers; `a=None` with a `w` makes
-              them weight-only; both None (a KV-only setting) leaves the layers as they are.
-    k_bits, v_bits: KV-cache bits of the attention of the named blocks (16 = full precision).
-    """
-
-    name: str
-    targets: tuple[LayerTarget, ...]
-    do_quant: bool = True
-    w: QuantArgs | None = None
-    a: QuantArgs | None = None
-    k_bits: int | None = None
-    v_bits: int | None = None
-
-    def __post_init__(self) -> None:
-        where = f"mix_bits setting {self.name!r}"
-        if not self.targets or not all(isinstance(t, LayerTarget) for t in self.targets):
-            raise ValueError(f"{where}: layer_name must list at least one layer")
-        if not isinstance(self.do_quant, bool):
-            raise ValueError(f"{where}: do_quant={self.do_quant!r} must be a bool; allowed: True, False")
-        why = _structure_error(self.do_quant, self.w is not None, self.a is not None, self.k_bits, self.v_bits)
-        if why:
-            raise ValueError(f"{where}: {why}")
-        for name, args, target in (("weight", self.w, "weight"), ("act", self.a, "activation")):
-            if args is not None and (not isinstance(args, QuantArgs) or args.target != target):
-                raise ValueError(f"{where}: {name} must be QuantArgs(target={target!r}), got {args!r}")
-        for name in ("k_bits", "v_bits"):
-            v = getattr(self, name)
-            if v is not None and not (_is_int(v) and 1 <= v <= FULL_PRECISION_BITS):
-                raise ValueError(f"{where}: {name}={v!r}; allowed: 1..15 (asymmetric INT) or 16 (full precision)")
-
-    @property
-    def sets_linears(self) -> bool:
-        return not self.do_quant or self.w is not None
-
-    def matches(self, block: int, layer: str | None = None) -> bool:
-        return any(t.matches(block, layer) for t in self.targets)
-
-
-@dataclass(frozen=True)
-class LayerMap:
-    """Ordered per-layer settings; for any (block, layer) the last matching setting wins."""
-
-    settings: tuple[MixSetting, ...]
-
-    def __post_init__(self) -> None:
-        if not self.settings or not all(isinstance(s, MixSetting) for s in self.settings):
-            raise ValueError("LayerMap needs at least one MixSetting")
-        names = [s.name for s in self.settings]
-        if len(set(names)) != len(names):
-            raise ValueError(f"LayerMap: setting names repeat: {names}")
-
-    def linear_setting(self, block: int, layer: str) -> MixSetting | None:
-        """The setting that decides Linear `layer` of `block` (None: the global settings)."""
-        found = [s for s in self.settings if s.sets_linears and s.matches(block, layer)]
-        return found[-1] if found else None
-
-    def kv_settings(self, block: int) -> tuple[MixSetting | None, MixSetting | None]:
-        """The settings that decide the K and the V bits of `block`'s attention."""
-        def last(key: str) -> MixSetting | None:
-            found = [s for s in self.settings if getattr(s, key) is not None and s.matches(block)]
-            return found[-1] if found else None
-
-        return last("k_bits"), last("v_bits")
-
-    @property
-    def has_kv(self) -> bool:
-        return any(s.k_bits is not None or s.v_bits is not None for s in self.settings)
-
-    def blocks_named(self) -> list[int]:
-        """Every block index some entry names, then GENERIC_BLOCK (any block no entry names);
-        asking the map about these covers every distinct outcome."""
-        named = {b for s in self.settings for t in s.targets for b in (t.blocks or ())}
-        return [*sorted(named), GENERIC_BLOCK]
-
-    def check_depth(self, n_blocks: int) -> None:
-        """Refuse block indices past the model's depth, naming the setting and the entry."""
-        for s in self.settings:
-            for t in s.targets:
-                past = [b for b in t.blocks or () if b >= n_blocks]
-                if past:
-                    raise ValueError(f"mix_bits setting {s.name!r}: layer_name entry {t.text()!r} names block(s) "
-                                     f"{', '.join(map(str, past))}, but the model has {n_blocks} blocks; "
-                                     f"allowed: 0..{n_blocks - 1}")
-
-    def to_dict(self) -> dict[str, Any]:
-        out = []
-        for s in self.settings:
-            d = {"name": s.name, "layer_name": [t.text() for t in s.targets], "do_quant": s.do_quant}
-            for key in ("w", "a"):
-                d[key] = None if getattr(s, key) is None else getattr(s, key).to_dict()
-            out.append({**d, "k_bits": s.k_bits, "v_bits": s.v_bits})
-        return {"settings": out}
-
-    def digest(self) -> str:
-        """Short hash of the resolved map (for result slugs)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
 
 
 # ---------------------------------------------------------------------------------------
@@ -355,7 +187,7 @@ def _parse_setting(name: Any, value: Any, where: str) -> _RawSetting:
         weight=_section_changes(d["weight"], f"{where}.weight", "weight") if "weight" in d else None,
         act=_section_changes(d["act"], f"{where}.act", "act") if "act" in d else None, **kv,
     )
-    why = _structure_error(do_quant, raw.weight is not None, raw.act is not None, raw.k_bits, raw.v_bits)
+    why = structure_error(do_quant, raw.weight is not None, raw.act is not None, raw.k_bits, raw.v_bits)
     if why:
         raise ValueError(f"{where}: {why}")
     return raw
@@ -375,16 +207,19 @@ class LlmcQuant:
     act: QuantArgs | None
     settings: tuple[_RawSetting, ...]
 
-    def apply(self, plan: QuantPlan, explicit: Mapping[str, Any] | None = None) -> QuantPlan:
+    def apply(self, plan: QuantPlan, explicit: Mapping[str, Any] | None = None,
+              flags: Mapping[str, str] | None = None) -> QuantPlan:
         """`plan` (built from flags) refined by this file. `explicit`: the flags given on the command
-        line (dest -> value); one that contradicts the global `weight` / `act` section is an error."""
+        line (dest -> value); one that contradicts the global `weight` / `act` section is an error.
+        `flags`: the front end's spelling of a plan field's flag where it is not P3-LLM's (plan.FLAGS)."""
+        names = {**FLAGS, **(flags or {})}
         for dest, value in (explicit or {}).items():
             if dest not in _FLAG_KEYS:
                 continue
             section, key, attr = _FLAG_KEYS[dest]
             args = self.weight if section == "weight" else self.act
             if args is not None and getattr(args, attr) != value:
-                flag = "--" + dest
+                flag = names.get(f"{'w' if section == 'weight' else 'a'}.{attr}", "--" + dest)
                 raise ValueError(f"{flag} {value} contradicts quant.{section}.{key}: {getattr(args, attr)} in "
                                  f"{self.source}; allowed: {flag} {getattr(args, attr)}, or leave {flag} out")
         w = self.weight or plan.w
@@ -392,6 +227,8 @@ class LlmcQuant:
         settings = tuple(s.resolve(w, a, f"{self.source}: quant.mix_bits.{s.name}") for s in self.settings)
         try:
             out = dataclasses.replace(plan, w=w, a=a, layers=LayerMap(settings) if settings else None)
+        except FieldError as err:
+            raise ValueError(f"{self.source}: {err.for_flags(names)}") from None
         except ValueError as err:
             raise ValueError(f"{self.source}: {err}") from None
         return out

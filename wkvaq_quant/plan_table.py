@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from wkvaq_quant.config import LINEAR_NAMES, QuantArgs, QuantPlan
+from wkvaq_quant.config import LINEAR_NAMES, QuantArgs
+
+from wkvaq_quant.plan import QuantPlan
 
 __all__ = ["LEGEND", "format_plan", "linear_cell", "kv_cell"]
 

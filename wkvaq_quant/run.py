@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .config import QuantPlan
+from .plan import QuantPlan
 from .data import EVAL_DATASETS, check_datasets, get_calib_windows, get_eval_windows, resolve_text_source
 from .eval.lm_eval import LMEvalSettings, check_chat_template, evaluate_tasks, load_task_manager
 from .eval.ppl import evaluate_perplexity
@@ -125,26 +125,32 @@ class RunConfig:
         return {**asdict(self), "plan": self.plan.to_dict(), "weight_algo": self.weight_algo.to_dict()}
 
 
-def _check_device(device: str) -> None:
+def check_device(device: str) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here (use --device cpu)")
 
 
-def _check_depth(cfg: RunConfig, source: ModelSource) -> int:
-    """The model's depth (from its config, no weights); block indices in the plan's map must fit it."""
-    depth = model_depth(source, cfg.trust_remote_code)
-    if cfg.plan.layers is not None:
+def prepare_model(model: str, device: str, plan: QuantPlan, trust_remote_code: bool = False,
+                  what: str = "--config") -> tuple[ModelSource, int | None]:
+    """The checks every entry point (evaluation, layer-wise writing, awq.entry) makes before any weight
+    is read: the model resolves and is available, its family has an architecture entry, the device
+    exists, and a per-layer map fits the model's depth. Returns (source, depth; None without a map)."""
+    source = check_model_available(resolve_model(model))
+    check_device(device)
+    depth = None
+    if plan.layers is not None:
+        depth = model_depth(source, trust_remote_code)
         try:
-            cfg.plan.layers.check_depth(depth)
+            plan.layers.check_depth(depth)
         except ValueError as err:
-            raise ValueError(f"--config {cfg.config_file} on --model {cfg.model}: {err}") from None
-    return depth
+            raise ValueError(f"{what} on --model {model}: {err}") from None
+    return source, depth
 
 
 def show_plan(cfg: RunConfig) -> str:
     """`--show_plan`: the resolved W/A (and KV) settings of every block of the model, as a table."""
-    source = check_model_available(resolve_model(cfg.model))
-    depth = _check_depth(cfg, source)
+    source, depth = prepare_model(cfg.model, cfg.device, cfg.plan, cfg.trust_remote_code, f"--config {cfg.config_file}")
+    depth = depth if depth is not None else model_depth(source, cfg.trust_remote_code)
     head = (f"plan {cfg.plan.slug()} on {source.name} ({depth} blocks), weight method {cfg.weight_method}"
             + (f", from {cfg.config_file}" if cfg.config_file else ""))
     return head + "\n" + format_plan(cfg.plan, depth)
@@ -165,10 +171,7 @@ def run(cfg: RunConfig, log=print) -> dict:
     before the model is loaded, so bad input fails in seconds.
     """
     started = time.perf_counter()
-    source = check_model_available(resolve_model(cfg.model))
-    _check_device(cfg.device)
-    if cfg.plan.layers is not None:
-        _check_depth(cfg, source)
+    source, _ = prepare_model(cfg.model, cfg.device, cfg.plan, cfg.trust_remote_code, f"--config {cfg.config_file}")
     if cfg.awq_model_path_lp:
         check_checkpoint(cfg.awq_model_path_lp)
     text_sources = check_datasets(cfg.datasets, cfg.data_dir) if cfg.datasets else {}

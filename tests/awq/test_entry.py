@@ -11,7 +11,7 @@ from awq import entry
 from wkvaq_quant.weights.awq.cache import check_cache, load_cache, save_cache
 from wkvaq_quant.weights.awq.pre_quant import apply_awq, run_awq
 from tests.awq.helpers import calib_ids, planted_model
-from wkvaq_quant.config import QuantPlan
+from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.modeling.checkpoint import load_checkpoint_weights
 from wkvaq_quant.weights.rtn import rtn_quantize
 
@@ -84,7 +84,8 @@ def test_dump_fake_without_cache_is_rtn(tiny_llama, tmp_path):
     (["--wq_dtype", "nf4", "--load_awq", "y.pt"], "invalid choice: 'nf4'"),
     (["--w_bit", "5", "--wq_dtype", "bitmod", "--dump_fake", "d"], "--w_bit 5"),
     (["--w_bit", "16", "--dump_fake", "d"], "--w_bit 16"),
-    (["--q_group_size", "0", "--dump_fake", "d"], "group_size"),
+    (["--q_group_size", "0", "--dump_fake", "d"], "--q_group_size 0: invalid group size"),  # not --w_bit 4
+    (["--q_group_size", "-2", "--dump_fake", "d"], "--q_group_size -2: invalid group size"),
     (["--search_dtype", "fp8", "--dump_fake", "d"], "--search_dtype: invalid choice: 'fp8'"),
 ])
 def test_bad_flags_fail_before_loading(argv, match, capsys, forbid_model_load):

@@ -15,7 +15,8 @@ from wkvaq_quant.weights.awq.pre_quant import apply_awq, run_awq
 from wkvaq_quant.weights.awq.structure import scale_groups
 from tests.awq.helpers import OUTLIERS, calib_ids, planted_model
 from tests.modeling.conftest import build_tiny
-from wkvaq_quant.config import QuantArgs, QuantPlan
+from wkvaq_quant.config import QuantArgs
+from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.formats.bitmod import BITMOD_GRIDS
 from wkvaq_quant.modeling.attach import block_linears, decoder_blocks
 from wkvaq_quant.quantize import quantize

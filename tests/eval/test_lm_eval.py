@@ -18,7 +18,7 @@ import torch
 
 import main as main_module
 from tests.helpers import main_argv
-from wkvaq_quant.config import QuantPlan
+from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.data import DataUnavailableError
 from wkvaq_quant.eval.lm_eval import LMEvalSettings, evaluate_tasks, load_task_manager, local_tasks
 from wkvaq_quant.eval.lm_tasks import MC_CHOICES, MC_DOCS, wiki_sample_mc_docs, wiki_sample_ppl_docs

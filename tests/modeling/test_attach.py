@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from wkvaq_quant.config import QuantArgs, QuantPlan
+from wkvaq_quant.config import QuantArgs
+
+from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.modeling import EAGER, SDPA, attach, decoder_linears
 from wkvaq_quant.quantize import fake_quantize
 

@@ -14,7 +14,7 @@ import dataclasses
 import pytest
 import torch
 
-from wkvaq_quant.config import QuantPlan
+from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.modeling import attach, find_attention_modules
 
 ATOL = 1e-5  # logits; the reference sums in another order, quantization codes agree

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from wkvaq_quant.config import QuantPlan
+from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.modeling import attach
 from wkvaq_quant.modeling.attention import STATE_ATTR, LayerState
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from wkvaq_quant.config import QuantPlan
+from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.modeling import attach
 
 F = QuantPlan.from_flags

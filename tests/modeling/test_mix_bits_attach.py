@@ -6,7 +6,9 @@ import pytest
 import torch
 import yaml
 
-from wkvaq_quant.config import QuantArgs, QuantPlan
+from wkvaq_quant.config import QuantArgs
+
+from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.mix_bits import parse_quant_config
 from wkvaq_quant.modeling import attach
 from wkvaq_quant.modeling.attach import block_linears, decoder_blocks

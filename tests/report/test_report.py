@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from wkvaq_quant.config import QuantArgs, QuantPlan
+from wkvaq_quant.config import QuantArgs
+
+from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.layer_bits import LINEAR_LAYERS, layer_bits_table
 from wkvaq_quant.report import build_table, format_csv, format_markdown, load_records, plot_kv_bits, \
     plot_layer_heatmap

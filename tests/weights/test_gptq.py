@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from tests.modeling.conftest import build_tiny
-from wkvaq_quant.config import QuantArgs, QuantPlan
+from wkvaq_quant.config import QuantArgs
+from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.formats import get_format
-from wkvaq_quant.mix_bits import LayerMap, LayerTarget, MixSetting
+from wkvaq_quant.plan import LayerMap, LayerTarget, MixSetting
 from wkvaq_quant.modeling.attach import decoder_blocks
 from wkvaq_quant.quantize import quantize
 from wkvaq_quant.weights import gptq as gptq_mod

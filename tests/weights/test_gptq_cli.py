@@ -9,7 +9,7 @@ import pytest
 import main as main_module
 from tests.helpers import main_argv
 from wkvaq_quant.cli import parse_config
-from wkvaq_quant.config import QuantPlan
+from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.mix_bits import parse_quant_config
 from wkvaq_quant.weights.algo import quantizes_weights, without_weights
 

@@ -11,7 +11,7 @@ import torch
 
 from tests.modeling.conftest import build_tiny
 from wkvaq_quant.arch import ARCHS
-from wkvaq_quant.config import QuantPlan
+from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.modeling.attach import block_linears, decoder_blocks
 from wkvaq_quant.weights.blocks import capture_block_inputs, for_each_block, run_block
 from wkvaq_quant.weights.gptq import GptqConfig, HessianAccumulator, gptq_quantize, gptq_weight, \

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from tests.conftest import make_tiny_checkpoint
-from wkvaq_quant.config import QuantArgs, QuantPlan
-from wkvaq_quant.mix_bits import LayerMap, LayerTarget, MixSetting
+from wkvaq_quant.config import QuantArgs
+from wkvaq_quant.plan import QuantPlan
+from wkvaq_quant.plan import LayerMap, LayerTarget, MixSetting
 from wkvaq_quant.weights import layerwise as lw
 from wkvaq_quant.weights import safetensors_io as sio
 from wkvaq_quant.weights.awq.pre_quant import run_awq

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from wkvaq_quant.config import QuantPlan
+from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.arch import arch_of
 from wkvaq_quant.modeling.attention import EAGER, SDPA, STATE_ATTR, LayerState, register_attention_functions
 from wkvaq_quant.modeling.kv import key_stats, quantize_keys

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from wkvaq_quant.config import QuantPlan
+from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.modeling.kv import heads_to_tokens, key_stats, quantize_keys, quantize_query, quantize_values, tokens_to_heads
 from wkvaq_quant.quantize import fake_quantize
 

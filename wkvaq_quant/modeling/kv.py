@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from wkvaq_quant.config import QuantArgs, QuantPlan
+from wkvaq_quant.config import QuantArgs
+
+from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.formats import SCALE_FLOOR
 from wkvaq_quant.quantize import fake_quantize, quantize
 

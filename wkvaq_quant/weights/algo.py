@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from wkvaq_quant.config import LINEAR_NAMES, QuantPlan
+from wkvaq_quant.config import LINEAR_NAMES
+
+from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.data import CALIB_DATASETS
 # the built-in algorithms register themselves on import, in this order (--weight_algo's choices)
 from wkvaq_quant.weights import rtn as _rtn  # noqa: F401, I001

@@ -34,7 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from wkvaq_quant.arch import arch_of
-from wkvaq_quant.config import QuantArgs, QuantPlan
+from wkvaq_quant.config import QuantArgs
+from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.formats import QParams, get_format
 from wkvaq_quant.modeling.attach import block_linears
 from wkvaq_quant.weights.registry import AlgoSpec, register_weight_algo, without_weights

@@ -36,7 +36,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from wkvaq_quant.config import QuantArgs, QuantPlan
+from wkvaq_quant.config import QuantArgs
+
+from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.modeling.attach import block_linears, decoder_blocks
 from wkvaq_quant.results import atomic_write_json
 from wkvaq_quant.weights.algo import WEIGHT_ALGOS, WeightAlgo

@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from torch import Tensor, nn
 
-from wkvaq_quant.config import FULL_PRECISION_BITS, QuantArgs, QuantPlan
+from wkvaq_quant.config import FULL_PRECISION_BITS, QuantArgs
+
+from wkvaq_quant.plan import QuantPlan
 
 if TYPE_CHECKING:
     from wkvaq_quant.weights.algo import WeightAlgo

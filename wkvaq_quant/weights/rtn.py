@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from wkvaq_quant.config import QuantPlan
+from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.modeling.attach import block_linears
 from wkvaq_quant.quantize import quantize
 from wkvaq_quant.weights.registry import AlgoSpec, register_weight_algo, run_nothing

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from wkvaq_quant.config import QuantPlan
+from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.weights.awq.pre_quant import awq_block, run_awq
 from wkvaq_quant.weights.awq.settings import check_search_dtype
 from wkvaq_quant.weights.blocks import BlockInputs

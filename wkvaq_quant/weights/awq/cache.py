@@ -19,7 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from wkvaq_quant.config import QuantArgs, QuantPlan
+from wkvaq_quant.config import QuantArgs
+
+from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.modeling.attach import block_linears
 
 __all__ = ["CACHE_VERSION", "cache_meta", "check_cache", "check_cache_model", "load_cache", "save_cache"]

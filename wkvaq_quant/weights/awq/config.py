@@ -6,11 +6,17 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from wkvaq_quant.config import W_DTYPES, QuantPlan
+from wkvaq_quant.config import W_DTYPES
+
+from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.mix_bits import load_quant_config
 from wkvaq_quant.weights.awq.settings import check_search_dtype
 
-__all__ = ["AwqConfig"]
+__all__ = ["FLAGS", "AwqConfig"]
+
+FLAGS = {"w.bits": "--w_bit", "w.group_size": "--q_group_size", "w.dtype": "--wq_dtype",
+         "w.double_quant": "--use_double_quant"}
+"""awq.entry's (llm-awq's) spellings of the weight flags, by QuantPlan field path."""
 
 
 @dataclass(frozen=True)
@@ -71,10 +77,8 @@ class AwqConfig:
 
     def plan(self) -> QuantPlan:
         """The weight-only QuantPlan of these flags (per-layer settings come from its linear_args)."""
-        try:
-            plan = QuantPlan.from_flags(w_bits=self.w_bit, w_group_size=self.q_group_size, w_dtype=self.wq_dtype)
-        except ValueError as err:
-            raise ValueError(str(err).replace("--w_bits", "--w_bit").replace("--w_group_size", "--q_group_size"))
+        plan = QuantPlan.from_flags(w_bits=self.w_bit, w_group_size=self.q_group_size, w_dtype=self.wq_dtype,
+                                    flags=FLAGS)
         if self.double_quant:
             try:
                 plan = dataclasses.replace(plan, w=plan.w.replace(double_quant=True))
@@ -86,11 +90,7 @@ class AwqConfig:
             if quant.method != "Awq" and not rtn_export:
                 raise ValueError(f"--config {self.config}: quant.method {quant.method} cannot run in awq.entry; "
                                  f"allowed: quant.method Awq (or RTN with --dump_fake alone)")
-            try:
-                plan = quant.apply(plan, dict(self.explicit))
-            except ValueError as err:  # name this entry's flags
-                raise ValueError(str(err).replace("--w_bits", "--w_bit").replace("--w_group_size", "--q_group_size")
-                                 .replace("--w_dtype", "--wq_dtype")) from None
+            plan = quant.apply(plan, dict(self.explicit), flags=FLAGS)
             if plan.a.enabled or (plan.layers is not None and plan.layers.has_kv):
                 raise ValueError(f"--config {self.config}: awq.entry quantizes weights only; the act / k_bits / "
                                  f"v_bits settings belong to main.py (load the result with --awq_model_path_lp)")

@@ -28,7 +28,8 @@ from wkvaq_quant.weights.awq.cache import cache_meta
 from wkvaq_quant.weights.awq.features import collect_features
 from wkvaq_quant.weights.awq.settings import check_search_dtype
 from wkvaq_quant.weights.awq.structure import block_parts, clip_skip, scale_groups
-from wkvaq_quant.config import QuantArgs, QuantPlan
+from wkvaq_quant.config import QuantArgs
+from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.modeling.attach import block_linears
 from wkvaq_quant.weights.blocks import BlockInputs, capture_block_inputs, for_each_block, run_block
 from wkvaq_quant.weights.rtn import rtn_quantize

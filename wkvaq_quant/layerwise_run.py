@@ -1,5 +1,5 @@
 """`main.py --layer_wise --save_quant DIR`: write a fake-quantized checkpoint block by block
-(see layerwise.py) and stop; evaluate it afterwards with `main.py --model DIR`."""
+(see weights/layerwise.py) and stop; evaluate it afterwards with `main.py --model DIR`."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from wkvaq_quant.data import get_calib_windows, resolve_text_source
-from wkvaq_quant.models import DTYPES, _pretrained_path, check_model_available, load_tokenizer, resolve_model
-from wkvaq_quant.run import RunConfig, _check_device
-from wkvaq_quant.weights.registry import without_weights
+from wkvaq_quant.models import DTYPES, _pretrained_path, load_tokenizer
+from wkvaq_quant.run import RunConfig, prepare_model
 from wkvaq_quant.weights.layerwise import quantize_layer_wise
+from wkvaq_quant.weights.registry import without_weights
 
 __all__ = ["check_layer_wise", "run_layer_wise"]
 
@@ -31,8 +31,7 @@ def run_layer_wise(cfg: RunConfig, log=print) -> dict[str, Any]:
     """Quantize `cfg.model` layer-wise into `cfg.save_quant`; returns a summary."""
     check_layer_wise(cfg)
     started = time.perf_counter()
-    source = check_model_available(resolve_model(cfg.model))
-    _check_device(cfg.device)
+    source, _ = prepare_model(cfg.model, cfg.device, cfg.plan, cfg.trust_remote_code, f"--config {cfg.config_file}")
     if source.kind == "hub":
         raise ValueError(f"--layer_wise --model {cfg.model}: needs a local checkpoint directory (or a registry "
                          f"model); download the hub model first")
