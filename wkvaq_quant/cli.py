@@ -12,9 +12,9 @@ from .eval.lm_eval import LMEvalSettings
 from .mix_bits import load_quant_config
 from .models import DTYPES, EMBEDDED_MODEL
 from .run import ATTN_IMPLEMENTATIONS, DEVICES, RunConfig
-from .weights.algo import WEIGHT_ALGOS, CalibConfig, WeightAlgo
+from .weights.algo import CalibConfig, WeightAlgo
 from .weights.awq.settings import AWQ_SEARCH_DTYPES, AwqSearchConfig
-from .weights.registry import get_weight_algo, method_to_algo
+from .weights.registry import get_weight_algo, method_to_algo, weight_algo_names
 from .weights.blocks import NEXT_INPUTS
 from .weights.gptq import GptqConfig
 
@@ -49,7 +49,7 @@ def add_calib_args(parser: argparse.ArgumentParser) -> None:
 def add_weight_algo_args(parser: argparse.ArgumentParser) -> None:
     """--weight_algo and GPTQ's flags (calibration data: add_calib_args)."""
     g = parser.add_argument_group("weight algorithm")
-    g.add_argument("--weight_algo", default="rtn", choices=WEIGHT_ALGOS,
+    g.add_argument("--weight_algo", default="rtn", choices=weight_algo_names(),
                    help="rtn: round to nearest; gptq: GPTQ; awq: AWQ's scale and clip search, then round to nearest "
                         "(gptq and awq run on the calibration windows before evaluation)")
     g.add_argument("--percdamp", type=float, default=GptqConfig.percdamp,

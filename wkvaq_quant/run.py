@@ -18,11 +18,11 @@ from .layer_bits import layer_bits_table
 from .modeling import attach
 from .modeling.attach import decoder_blocks
 from .modeling.checkpoint import check_checkpoint, load_checkpoint_weights
-from .mix_bits import METHODS
 from .models import DTYPES, ModelSource, check_model_available, load_model, load_tokenizer, model_depth, resolve_model
 from .plan_table import format_plan
 from .results import atomic_write_json, environment_versions, now_iso, read_result, result_path
 from .weights.algo import WeightAlgo, quantizes_weights, run_weight_algo
+from .weights.registry import method_to_algo
 
 __all__ = ["RunConfig", "run", "result_status", "show_plan", "ATTN_IMPLEMENTATIONS", "DEVICES"]
 
@@ -83,8 +83,7 @@ class RunConfig:
             raise ValueError(f"--device {self.device!r}: allowed values are {', '.join(DEVICES)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: allowed values are {', '.join(DTYPES)}")
-        if self.weight_method not in METHODS:
-            raise ValueError(f"quant.method {self.weight_method!r}: allowed values are {', '.join(METHODS)}")
+        method_to_algo(self.weight_method)  # a registered algorithm's llmc method
         if not isinstance(self.weight_algo, WeightAlgo):
             raise ValueError(f"RunConfig.weight_algo must be a WeightAlgo, got {type(self.weight_algo).__name__}")
         if self.weight_algo.name != "rtn" and not quantizes_weights(self.plan):
@@ -213,9 +212,9 @@ def run(cfg: RunConfig, log=print) -> dict:
         n = load_checkpoint_weights(model, cfg.awq_model_path_lp)
         log(f"[wkvaq] loaded {n} tensors from {cfg.awq_model_path_lp}")
     plan, algo_s = cfg.plan, None
-    if calib is not None:
-        t0 = time.perf_counter()
-        plan = run_weight_algo(model, cfg.plan, algo, calib, cfg.device, cfg.progress)
+    t0 = time.perf_counter()
+    plan = run_weight_algo(model, cfg.plan, algo, calib, cfg.device, cfg.progress)  # RTN: nothing (attach rounds)
+    if algo.slug():  # an algorithm with its own result name (not plain RTN): report its time
         algo_s = time.perf_counter() - t0
         log(f"[wkvaq] {algo.slug()}: weights quantized in {algo_s:.1f}s")
     if not plan.is_full_precision:

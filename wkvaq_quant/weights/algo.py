@@ -21,7 +21,7 @@ from wkvaq_quant.config import LINEAR_NAMES
 
 from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.data import CALIB_DATASETS
-# the built-in algorithms register themselves on import, in this order (--weight_algo's choices)
+# the built-in algorithms register themselves on import
 from wkvaq_quant.weights import rtn as _rtn  # noqa: F401, I001
 from wkvaq_quant.weights import gptq as _gptq  # noqa: F401, I001
 from wkvaq_quant.weights import awq as _awq  # noqa: F401, I001

@@ -41,7 +41,8 @@ from wkvaq_quant.config import QuantArgs
 from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.modeling.attach import block_linears, decoder_blocks
 from wkvaq_quant.results import atomic_write_json
-from wkvaq_quant.weights.algo import WEIGHT_ALGOS, WeightAlgo
+from wkvaq_quant.weights.algo import WeightAlgo
+from wkvaq_quant.weights.registry import weight_algo_names
 from wkvaq_quant.quantize import quantize
 from wkvaq_quant.weights.blocks import BlockInputs, advance_block, capture_block_inputs, outside_modules
 from wkvaq_quant.weights.safetensors_io import ShardWriter, TensorEntry, read_entries, read_rows, read_tensor, row_chunks
@@ -277,7 +278,7 @@ def quantize_layer_wise(src: str | Path, out: str | Path, plan: QuantPlan, algo:
         raise ValueError(f"--weight_algo {algo.name} needs calibration windows")
     if offload_activations and not algo.needs_calib:
         raise ValueError(f"--offload_activations: --weight_algo {algo.name} uses no calibration activations; "
-                         f"allowed with: {', '.join(a for a in WEIGHT_ALGOS if WeightAlgo(a).needs_calib)}")
+                         f"allowed with: {', '.join(a for a in weight_algo_names() if WeightAlgo(a).needs_calib)}")
     if offload_activations:
         algo.check_offload_activations()
     ckpt = SafetensorsCheckpoint(src)

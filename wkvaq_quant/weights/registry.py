@@ -77,7 +77,8 @@ def register_weight_algo(spec: AlgoSpec) -> AlgoSpec:
 
 
 def weight_algo_names() -> tuple[str, ...]:
-    return tuple(_ALGOS)
+    """The registered names, those without calibration first, then by name (whatever the import order)."""
+    return tuple(sorted(_ALGOS, key=lambda n: (_ALGOS[n].needs_calib, n)))
 
 
 def get_weight_algo(name: str) -> AlgoSpec:
