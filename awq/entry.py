@@ -28,14 +28,14 @@ from wkvaq_quant.data import DataUnavailableError, get_calib_windows, resolve_te
 from wkvaq_quant.models import DTYPES, EMBEDDED_MODEL, UnknownModelError, load_model, load_tokenizer
 from wkvaq_quant.results import atomic_write_json
 from wkvaq_quant.run import DEVICES, prepare_model
-from wkvaq_quant.weights.awq.settings import AWQ_SEARCH_DTYPES
+from wkvaq_quant.weights.awq.settings import AWQ_SEARCH_DTYPES, SEARCH_DTYPE_HELP
 from wkvaq_quant.weights.rtn import rtn_quantize
 
 __all__ = ["build_parser", "main", "parse_config", "run"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m awq.entry", description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m awq.entry", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=EMBEDDED_MODEL, help="registry short name, local directory or hub id")
     p.add_argument("--device", default="cpu", choices=DEVICES, help="where each decoder block is processed")
@@ -51,9 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dump_fake", default=None, help="write the fake-quantized model as an HF checkpoint here")
     p.add_argument("--n_grid", type=int, default=20, help="grid points of the scale and clip searches")
     p.add_argument("--search_dtype", default="model", choices=list(AWQ_SEARCH_DTYPES),
-                   help="the scale search in the model's dtype, or each Linear's output change in a lower dtype on "
-                        "top of its recorded output (bfloat16 with a float32 model: the whole search 1.5-2x faster "
-                        "on a CPU with AMX, see bench/RESULTS.md)")
+                   help=SEARCH_DTYPE_HELP)
     p.add_argument("--batch_size", type=int, default=1, help="calibration windows per block forward")
     p.add_argument("--data_dir", default=None, help="local copies of wikitext2 / c4 (or $WKVAQ_DATA_DIR)")
     p.add_argument("--config", default=None,

@@ -32,7 +32,7 @@ from wkvaq_quant.results import atomic_write_json  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n_windows", type=int, default=8)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group_size", type=int, default=64)

@@ -161,7 +161,7 @@ def _table(rows: list[dict]) -> list[str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no_peers", action="store_true", help="skip the naive peer implementations")
     p.add_argument("--write", action="store_true", help="update the section in bench/RESULTS.md")

@@ -44,7 +44,7 @@ def _load(cache: str) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n_windows", type=int, default=16)
     p.add_argument("--seq_len", type=int, default=2048)
     p.add_argument("--write", action="store_true", help="update the section in bench/RESULTS.md")

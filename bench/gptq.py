@@ -137,7 +137,7 @@ difference: {checks}).
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n_windows", type=int, default=8)
     p.add_argument("--group_size", type=int, default=128)
     p.add_argument("--n_calib", type=int, default=32)

@@ -50,7 +50,7 @@ def _module_at(rev: str, tmp: Path):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rev", default="5166e6f", help="git revision of the earlier gptq.py")
     p.add_argument("--blocks", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)

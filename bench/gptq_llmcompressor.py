@@ -37,7 +37,7 @@ ACTORDER = {"none": None, "static": "static"}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n_windows", type=int, default=8)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group_size", type=int, default=64)

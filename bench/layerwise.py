@@ -196,7 +196,7 @@ def _measure_first_blocks(work: Path, size: str, n_calib: int, seq: int, k: int)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1b", help=f"comma-separated, of {', '.join(SIZES)} (RTN)")
     p.add_argument("--gptq", default="", help="sizes also measured with GPTQ (comma-separated)")
     p.add_argument("--gptq_blocks", default="",

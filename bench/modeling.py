@@ -168,7 +168,7 @@ def fold_saturation(args: argparse.Namespace) -> list[str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=("all", "ppl", "time", "fold"), default="all")
     p.add_argument("--n_windows", type=int, default=8)
     p.add_argument("--rounds", type=int, default=5, help="interleaved FP / quantized rounds for the timing")

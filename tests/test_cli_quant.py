@@ -28,6 +28,8 @@ from wkvaq_quant.run import RunConfig
         (["--w_bits", "4", "--w_group_size", "-2"], "--w_group_size -2: invalid group size"),
         (["--w_bits", "17"], "--w_bits 17: out of range; allowed: 1..16"),
         (["--kv_residual_len", "-2"], "--kv_residual_len -2"),
+        # awq.entry's spelling is not an abbreviation of --w_bits here (allow_abbrev=False)
+        (["--w_bit", "4", "--q_group_size", "128"], "unrecognized arguments: --w_bit 4"),
     ],
 )
 def test_bad_quant_flags_exit_before_loading(tmp_path, tiny_llama, capsys, flags, match, no_model_load):

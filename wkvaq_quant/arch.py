@@ -172,7 +172,7 @@ _LLAMA_LINEARS = (("q_proj", "self_attn.q_proj"), ("k_proj", "self_attn.k_proj")
                   ("down_proj", "mlp.down_proj"))
 _LLAMA_SEQUENTIAL = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 # v_proj -> o_proj only where v_proj's output width equals o_proj's input width (not with GQA):
-# awq.structure drops a Linear-fed group whose widths differ, for any family
+# weights/awq/structure.py drops a Linear-fed group whose widths differ, for any family
 _LLAMA_SCALE_GROUPS = (
     ScaleGroupSpec("input_layernorm", ("q_proj", "k_proj", "v_proj"), "attention"),
     ScaleGroupSpec("self_attn.v_proj", ("o_proj",), "o_proj"),

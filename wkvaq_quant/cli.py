@@ -13,7 +13,7 @@ from .mix_bits import load_quant_config
 from .models import DTYPES, EMBEDDED_MODEL
 from .run import ATTN_IMPLEMENTATIONS, DEVICES, RunConfig
 from .weights.algo import CalibConfig, WeightAlgo
-from .weights.awq.settings import AWQ_SEARCH_DTYPES, AwqSearchConfig
+from .weights.awq.settings import AWQ_SEARCH_DTYPES, SEARCH_DTYPE_HELP, AwqSearchConfig
 from .weights.registry import get_weight_algo, method_to_algo, weight_algo_names
 from .weights.blocks import NEXT_INPUTS
 from .weights.gptq import GptqConfig
@@ -67,9 +67,7 @@ def add_weight_algo_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--n_grid", type=_positive_int("--n_grid"), default=AwqSearchConfig.n_grid,
                    help="AWQ: grid points of the scale and clip searches")
     g.add_argument("--search_dtype", default="model", choices=list(AWQ_SEARCH_DTYPES),
-                   help="AWQ: the scale search in the model's dtype, or each Linear's output change in a lower "
-                        "dtype on top of its recorded output (bfloat16 with a float32 model: the whole search 1.5-2x "
-                        "faster on a CPU with AMX, see bench/RESULTS.md)")
+                   help=f"AWQ: {SEARCH_DTYPE_HELP}")
     g.add_argument("--layer_wise", action="store_true",
                    help="quantize the checkpoint's safetensors shards one decoder block at a time into --save_quant "
                         "(resumable) and stop; evaluate the result with --model DIR")
@@ -159,6 +157,7 @@ def plan_from_args(args: argparse.Namespace) -> QuantPlan:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="main.py",
         description="Fake-quantize a Llama/Mistral model and measure perplexity.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -12,7 +12,7 @@ FORMATS = {"md": format_markdown, "csv": format_csv}
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m wkvaq_quant.report",
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m wkvaq_quant.report",
                                 description="Compare stored results: one row per setting, delta vs FP.")
     p.add_argument("results_dir", nargs="?", default="results", help="results store root (or one result file)")
     p.add_argument("--format", default="md", choices=sorted(FORMATS), help="table format")

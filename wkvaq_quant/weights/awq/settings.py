@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AWQ_SEARCH_DTYPES", "AwqSearchConfig", "check_search_dtype"]
+__all__ = ["AWQ_SEARCH_DTYPES", "SEARCH_DTYPE_HELP", "AwqSearchConfig", "check_search_dtype"]
 
 
 AWQ_SEARCH_DTYPES: dict[str, torch.dtype | None] = {"model": None, "bfloat16": torch.bfloat16,
@@ -14,6 +14,12 @@ AWQ_SEARCH_DTYPES: dict[str, torch.dtype | None] = {"model": None, "bfloat16": t
 """--search_dtype: "model" runs AWQ's scale search in the model's dtype; a lower dtype computes, for
 each Linear, only the change of its output in that dtype, on top of its recorded output (faster on
 hardware with fast bfloat16 / float16 products; see wkvaq_quant.weights.awq.auto_scale)."""
+
+
+SEARCH_DTYPE_HELP = ("the scale search in the model's dtype, or each Linear's output change in a lower dtype on top "
+                     "of its recorded output (faster with a float32 model where bfloat16 products are fast, e.g. a "
+                     "CPU with AMX; measured in bench/RESULTS.md)")
+"""--search_dtype's help, shared by main.py and awq.entry."""
 
 
 def check_search_dtype(name: str) -> torch.dtype | None:
