@@ -22,7 +22,7 @@ read -r -a v_bits_list <<<"${V_BITS_LIST:-4}"
 read -r -a k_group_size_list <<<"${K_GROUP_SIZE_LIST:-64}"
 read -r -a v_group_size_list <<<"${V_GROUP_SIZE_LIST:-64}"
 read -r -a kv_quant_method_list <<<"${KV_QUANT_METHOD_LIST:-KTVT}"
-read -r -a kv_residual_len_list <<<"${KV_RESIDUAL_LEN_LIST:-0}"
+read -r -a kv_residual_len_list <<<"${KV_RESIDUAL_LEN_LIST:-default}"  # default: the method's (KTVT 1, KCVT 0)
 read -r -a p_bits_list <<<"${P_BITS_LIST:-16}"   # full setting only (8 = E4M4; 16 = off)
 apply_k_scale="${APPLY_K_SCALE:-both}"           # on | off | both
 k_quant_post_rope="${K_QUANT_POST_ROPE:-off}"    # on | off
@@ -66,7 +66,8 @@ done
 kv_flags() {  # "k v kg vg method residual kscale"
   read -r k v kg vg method r ks <<<"$1"
   local flags=(--k_bits "$k" --v_bits "$v" --k_group_size "$kg" --v_group_size "$vg" --kv_quant_method "$method"
-               --kv_residual_len "$r" "${rope_flags[@]}")
+               "${rope_flags[@]}")
+  [[ "$r" != default ]] && flags+=(--kv_residual_len "$r")
   [[ "$ks" == 1 ]] && flags+=(--apply_k_scale)
   echo "${flags[@]}"
 }

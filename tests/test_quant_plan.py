@@ -19,7 +19,9 @@ def test_flags_map_to_quant_args():
     assert plan.w == QuantArgs(bits=4, dtype="bitmod", group_size=128)
     assert plan.a == QuantArgs(bits=8, dtype="fp8_e4m3", target="activation")
     assert plan.q.granularity == "per_token" and plan.q.dtype == "fp8_e4m3"
-    assert plan.k.granularity == "per_token" and plan.k.zero_point == "float" and plan.k.group_size == 16
+    assert plan.k.granularity == "per_token" and plan.k.zero_point == "int" and plan.k.group_size == 16  # P3-LLM
+    assert plan.v.zero_point == "int" and QuantPlan.from_flags(k_bits=4, kv_zero_point="float").k.zero_point == "float"
+    assert QuantPlan.from_flags(k_bits=4, k_group_size=8, kv_quant_method="KCVT").k.zero_point == "float"  # KIVI
     assert plan.p.dtype == "ufloat"
     assert plan.kv == KVArgs(residual_len=32, k_scale=True)
     assert plan.slug() == "w4g128bitmod-a8fp8-q8-k4g16v4-KTVT-r32-kscale-p8"

@@ -1,3 +1,3 @@
 """wkvaq: mixed-precision, mixed-format fake quantization of Llama and Mistral models."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
 
 from .config import A_DTYPES, KV_METHODS, RESIDUAL_MODES, W_DTYPES
 
-from .plan import QuantPlan
+from .plan import KV_ZERO_POINTS, QuantPlan
 from .data import CALIB_DATASETS, EVAL_DATASETS
 from .eval.lm_eval import LMEvalSettings
 from .mix_bits import load_quant_config
@@ -104,7 +106,13 @@ def add_quant_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--a_dtype", default="fp8_e4m3", choices=A_DTYPES, help="activation format")
     g.add_argument("--kv_quant_method", default="KTVT", choices=KV_METHODS,
                    help="KTVT: K and V per token; KCVT: K per channel over token groups, V per token")
-    g.add_argument("--kv_residual_len", type=int, default=0, help="newest K/V tokens kept in full precision")
+    g.add_argument("--kv_zero_point", default="int", choices=KV_ZERO_POINTS,
+                   help="zero point of per-token K (KTVT) and V: int (P3-LLM: an integer code offset) or float "
+                        "(KIVI: the group minimum); KCVT's per-channel keys always use the float one")
+    g.add_argument("--kv_residual_len", type=int, default=None,
+                   help="newest K/V tokens kept in full precision, with the query and P against them (default: "
+                        f"{DEFAULT_RESIDUAL['KTVT']} with KTVT, as P3-LLM; {DEFAULT_RESIDUAL['KCVT']} with KCVT, whose "
+                        "token groups need a multiple of --k_group_size)")
     g.add_argument("--kv_residual_mode", default="last", choices=RESIDUAL_MODES,
                    help="last: the last R positions of the sequence are full precision for every query (P3-LLM); "
                         "per_query: each query reads its own R newest tokens in full precision (a decoder's view)")
@@ -147,12 +155,30 @@ def lm_eval_from_args(args: argparse.Namespace) -> LMEvalSettings:
                           apply_chat_template=args.apply_chat_template, batch_size=args.batch_size)
 
 
+DEFAULT_RESIDUAL = {"KTVT": 1, "KCVT": 0}
+"""--kv_residual_len when not given: P3-LLM's 1 with KTVT; 0 with KCVT (P3-LLM's 1 fails there: the
+tokens before the residual must fill whole token groups)."""
+QUANT_FLAGS = ("w_bits", "a_bits", "q_bits", "k_bits", "v_bits", "p_bits", "w_group_size", "a_group_size",
+               "q_group_size", "k_group_size", "v_group_size", "w_dtype", "a_dtype", "kv_quant_method",
+               "kv_residual_len", "kv_residual_mode", "apply_k_scale", "apply_k_bias", "k_quant_post_rope",
+               "kv_quant_post_attn", "fold_v_scale", "kv_zero_point")
+"""Flag dests of add_quant_args (the parameters of QuantPlan.from_flags)."""
+
+
 def plan_from_args(args: argparse.Namespace) -> QuantPlan:
     """The QuantPlan of parsed `add_quant_args` flags (raises ValueError naming the flag)."""
-    names = ("w_bits", "a_bits", "q_bits", "k_bits", "v_bits", "p_bits", "w_group_size", "a_group_size",
-             "q_group_size", "k_group_size", "v_group_size", "w_dtype", "a_dtype", "kv_quant_method",
-             "kv_residual_len", "kv_residual_mode", "apply_k_scale", "apply_k_bias", "k_quant_post_rope", "kv_quant_post_attn", "fold_v_scale")
-    return QuantPlan.from_flags(**{n: getattr(args, n) for n in names})
+    flags = {n: getattr(args, n) for n in QUANT_FLAGS}
+    if flags["kv_residual_len"] is None:
+        flags["kv_residual_len"] = DEFAULT_RESIDUAL.get(flags["kv_quant_method"], 0)
+    return QuantPlan.from_flags(**flags)
+
+
+def _no_residual_without_attention(plan: QuantPlan) -> QuantPlan:
+    """Residual tokens matter only where the attention quantizes something; elsewhere R is 0, so
+    one computation has one result name."""
+    if plan.kv.residual_len and not plan.quantizes_attention:
+        return dataclasses.replace(plan, kv=dataclasses.replace(plan.kv, residual_len=0))
+    return plan
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,8 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=EMBEDDED_MODEL,
-                   help="registry short name (see wkvaq_quant/models.py), local checkpoint directory, or hub id")
+    g.add_argument("--model", "--model_name", dest="model", default=EMBEDDED_MODEL,
+                   help="registry short name (see wkvaq_quant/models.py), local checkpoint directory, or hub id "
+                        "(--model_name: P3-LLM's spelling)")
+    g.add_argument("--use_fp16", action="store_true",
+                   help="P3-LLM's baseline: the unquantized model in float16, whatever the quantization flags say "
+                        "(they are ignored, and named); on CPU float16 runs through PyTorch's slower CPU kernels")
     g.add_argument("--device", default="cpu", choices=DEVICES)
     g.add_argument("--dtype", default="float32", choices=list(DTYPES))
     g.add_argument("--attn_implementation", default="sdpa", choices=ATTN_IMPLEMENTATIONS)
@@ -182,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_weight_algo_args(p)
     add_calib_args(p)
     g = p.add_argument_group("results")
-    g.add_argument("--results_dir", default="results", help="results/<model>/<config-slug>.json")
+    g.add_argument("--results_dir", "--output_dir", dest="results_dir", default="results",
+                   help="results/<model>/<config-slug>.json (--output_dir: P3-LLM's spelling)")
     g.add_argument("--overwrite", action="store_true", help="recompute even if a result exists")
     g.add_argument("--no_progress", action="store_true", help="no progress bars")
     g.add_argument("--print_result_path", action="store_true",
@@ -205,7 +236,33 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, RunCo
         parser.error(str(err))
 
 
+DATASET_ALIASES = {"wikitext": "wikitext2"}
+"""P3-LLM's dataset names -> ours."""
+
+
+def _use_fp16(args: argparse.Namespace, argv: list[str] | None) -> None:
+    """--use_fp16 (P3-LLM): the unquantized model in float16. Quantization flags are ignored, as
+    P3-LLM does, and named on stderr; a contradicting --dtype is refused."""
+    explicit = explicit_flags(build_parser(), argv)
+    if explicit.get("dtype", "float16") != "float16":
+        raise ValueError(f"--use_fp16 evaluates in float16, but --dtype {explicit['dtype']} was given; "
+                         f"allowed: --use_fp16 alone, or --dtype {explicit['dtype']} without --use_fp16")
+    ignored = [n for n in (*QUANT_FLAGS, "config", "weight_algo", "awq_model_path_lp") if n in explicit]
+    if ignored:
+        print(f"[wkvaq] note: --use_fp16 evaluates the unquantized model; ignoring "
+              f"{', '.join('--' + n for n in ignored)} (as P3-LLM does)", file=sys.stderr)
+    defaults = build_parser().parse_args([])
+    for n in (*QUANT_FLAGS, "config", "weight_algo", "awq_model_path_lp"):
+        setattr(args, n, getattr(defaults, n))
+    args.dtype = "float16"
+    if args.device == "cpu":
+        print("[wkvaq] note: --use_fp16 on CPU: float16 runs through PyTorch's CPU kernels (slower than float32)",
+              file=sys.stderr)
+
+
 def _config(args: argparse.Namespace, argv: list[str] | None) -> RunConfig:
+    if args.use_fp16:
+        _use_fp16(args, argv)
     plan, method = plan_from_args(args), get_weight_algo(args.weight_algo).method
     if args.config:
         quant = load_quant_config(args.config)
@@ -216,10 +273,12 @@ def _config(args: argparse.Namespace, argv: list[str] | None) -> RunConfig:
                                  f"{args.config}; allowed: --weight_algo {method_to_algo(quant.method)} or no --weight_algo")
             method = quant.method
         plan = quant.apply(plan, explicit)
+    plan = _no_residual_without_attention(plan)
     return RunConfig(
         model=args.model,
-        datasets=[d.strip() for d in (args.datasets if args.datasets is not None
-                                      else "" if args.tasks else "wiki_sample").split(",") if d.strip()],
+        datasets=[DATASET_ALIASES.get(d.strip(), d.strip()) for d in (
+            args.datasets if args.datasets is not None else "" if args.tasks else "wiki_sample").split(",")
+            if d.strip()],
         seq_len=args.seq_len,
         n_windows=args.n_windows,
         batch_size=args.batch_size,

@@ -16,7 +16,7 @@ from typing import Any
 from wkvaq_quant.config import (A_DTYPES, FULL_PRECISION_BITS, LINEAR_NAMES, W_DTYPES, FieldError, KVArgs, QuantArgs,
                                 _fmt_allowed)
 
-__all__ = ["FLAGS", "GENERIC_BLOCK", "LayerMap", "LayerTarget", "MixSetting", "QuantPlan", "structure_error"]
+__all__ = ["FLAGS", "GENERIC_BLOCK", "KV_ZERO_POINTS", "LayerMap", "LayerTarget", "MixSetting", "QuantPlan", "structure_error"]
 
 FLAGS: dict[str, str] = {
     "w.bits": "--w_bits", "w.group_size": "--w_group_size", "w.dtype": "--w_dtype",
@@ -26,7 +26,16 @@ FLAGS: dict[str, str] = {
     "kv.method": "--kv_quant_method", "kv.residual_len": "--kv_residual_len", "kv.residual_mode": "--kv_residual_mode",
     "kv.k_scale": "--apply_k_scale", "kv.k_bias": "--apply_k_bias", "kv.k_post_rope": "--k_quant_post_rope",
     "kv.post_attn": "--kv_quant_post_attn", "kv.fold_v_scale": "--no_fold_v_scale",
+    "k.zero_point": "--kv_zero_point", "v.zero_point": "--kv_zero_point",
 }
+ATTENTION_RULES = 2
+"""Version of what a plan computes inside attention, raised whenever that changes for the same
+settings (2: residual tokens keep the query and P in full precision, k-scale with k-bias is
+P3-LLM's max |K - mu| ** 0.6); recorded, and hashed into result names, for plans that quantize
+the attention."""
+KV_ZERO_POINTS = ("int", "float")
+"""--kv_zero_point: "int" (P3-LLM: z = clamp(round(-min / s), 0, 2^b - 1), codes shifted by z) or
+"float" (KIVI: the group minimum itself). KCVT's per-channel keys always use the float one."""
 """QuantPlan field path -> the P3-LLM flag that sets it (what `from_flags` names in its errors;
 awq.entry passes its own spellings)."""
 
@@ -231,8 +240,8 @@ class QuantPlan:
     w: QuantArgs = _W_OFF
     a: QuantArgs = _A_OFF
     q: QuantArgs = field(default_factory=lambda: _off("query", "fp8_e4m3"))
-    k: QuantArgs = field(default_factory=lambda: _off("key", zero_point="float"))
-    v: QuantArgs = field(default_factory=lambda: _off("value", zero_point="float"))
+    k: QuantArgs = field(default_factory=lambda: _off("key"))  # asymmetric INT, integer zero point (P3-LLM)
+    v: QuantArgs = field(default_factory=lambda: _off("value"))
     p: QuantArgs = field(default_factory=lambda: _off("prob", "ufloat"))
     kv: KVArgs = field(default_factory=KVArgs)
     layers: LayerMap | None = None
@@ -313,7 +322,7 @@ class QuantPlan:
         k_group_size: int = -1, v_group_size: int = -1, w_dtype: str = "int", a_dtype: str = "fp8_e4m3",
         kv_quant_method: str = "KTVT", kv_residual_len: int = 0, kv_residual_mode: str = "last", apply_k_scale: bool = False,
         apply_k_bias: bool = False, k_quant_post_rope: bool = False, kv_quant_post_attn: bool = False,
-        fold_v_scale: bool = True, flags: dict[str, str] | None = None,
+        fold_v_scale: bool = True, kv_zero_point: str = "int", flags: dict[str, str] | None = None,
     ) -> QuantPlan:
         """A plan from P3-LLM's command-line settings (16 bits = off, group size -1 = whole row).
         A bad value is reported under its flag (FLAGS; `flags` overrides some spellings)."""
@@ -321,14 +330,15 @@ class QuantPlan:
             return cls._from_flags(w_bits, a_bits, q_bits, k_bits, v_bits, p_bits, w_group_size, a_group_size,
                                    q_group_size, k_group_size, v_group_size, w_dtype, a_dtype, kv_quant_method,
                                    kv_residual_len, kv_residual_mode, apply_k_scale, apply_k_bias, k_quant_post_rope,
-                                   kv_quant_post_attn, fold_v_scale)
+                                   kv_quant_post_attn, fold_v_scale, kv_zero_point)
         except FieldError as err:  # name the flag that set the field
             raise err.for_flags({**FLAGS, **(flags or {})}) from None
 
     @classmethod
     def _from_flags(cls, w_bits, a_bits, q_bits, k_bits, v_bits, p_bits, w_group_size, a_group_size, q_group_size,
                     k_group_size, v_group_size, w_dtype, a_dtype, kv_quant_method, kv_residual_len, kv_residual_mode,
-                    apply_k_scale, apply_k_bias, k_quant_post_rope, kv_quant_post_attn, fold_v_scale) -> QuantPlan:
+                    apply_k_scale, apply_k_bias, k_quant_post_rope, kv_quant_post_attn, fold_v_scale,
+                    kv_zero_point) -> QuantPlan:
         if w_dtype not in W_DTYPES:
             raise _plan_err("w.dtype", w_dtype, "unknown weight format", _fmt_allowed(W_DTYPES))
         if a_dtype not in A_DTYPES:
@@ -346,15 +356,19 @@ class QuantPlan:
                         post_attn=kv_quant_post_attn, fold_v_scale=fold_v_scale)
         except FieldError as err:
             raise err.within("QuantPlan", "kv") from None
+        if kv_zero_point not in KV_ZERO_POINTS:
+            raise _plan_err("k.zero_point", kv_zero_point, "unknown KV zero point", _fmt_allowed(KV_ZERO_POINTS))
         kcvt = kv_quant_method == "KCVT"
+
         return cls(
             w=make("w", bits=w_bits, dtype=w_dtype, group_size=w_group_size, target="weight"),
             a=make("a", bits=a_bits, dtype=a_dtype, group_size=a_group_size, target="activation",
                    symmetric=True if a_dtype == "int" else None),
             q=make("q", bits=q_bits, dtype="fp8_e4m3", group_size=q_group_size, target="query"),
             k=make("k", bits=k_bits, dtype="int", group_size=k_group_size, target="key",
-                   granularity="per_channel" if kcvt else "per_token", zero_point="float"),
-            v=make("v", bits=v_bits, dtype="int", group_size=v_group_size, target="value", zero_point="float"),
+                   granularity="per_channel" if kcvt else "per_token",
+                   zero_point="float" if kcvt else kv_zero_point),  # KCVT keys: KIVI's float zero point
+            v=make("v", bits=v_bits, dtype="int", group_size=v_group_size, target="value", zero_point=kv_zero_point),
             p=make("p", bits=p_bits, dtype="ufloat", target="prob"),
             kv=kv,
         )
@@ -393,10 +407,12 @@ class QuantPlan:
     # -- convenience --------------------------------------------------------------------
     @property
     def needs_eager(self) -> bool:
-        """True when the attention must run eagerly (quantized P, per-query residual) in some block."""
+        """True when the attention must run eagerly in some block: quantized P, a per-query residual,
+        or a quantized query with residual tokens (against them the query stays full precision)."""
         if self.layers is not None and self.layers.has_kv:  # block plans carry no map
             return any(p.needs_eager for p in self._attention_plans())
-        return self.p.enabled or (self.kv.per_query_residual and (self.k.enabled or self.v.enabled))
+        return self.p.enabled or (self.kv.per_query_residual and (self.k.enabled or self.v.enabled)) \
+            or (self.kv.residual_len > 0 and self.q.enabled)
 
     @property
     def quantizes_attention(self) -> bool:
@@ -434,6 +450,9 @@ class QuantPlan:
         if k.enabled or v.enabled or kv.k_scale or kv.k_bias:
             parts.append(f"k{k.bits}{g(k)}v{v.bits}{g(v)}")
             parts.append(kv.method)
+            if (k.enabled and k.granularity == "per_token" and k.zero_point == "float") or \
+                    (v.enabled and v.zero_point == "float"):
+                parts.append("zpf")  # KIVI's float zero point (the default is P3-LLM's integer one)
             if kv.residual_len:
                 parts.append(f"r{kv.residual_len}" + ("pq" if kv.residual_mode == "per_query" else ""))
             if kv.k_post_rope:
@@ -453,6 +472,8 @@ class QuantPlan:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(dataclasses.replace(self, layers=None))
         d.pop("layers")  # plans without a map keep their earlier dict (and result slugs)
+        if self.quantizes_attention:  # in the result name's hash: no result of earlier attention rules is reused
+            d["attention_rules"] = ATTENTION_RULES
         if self.layers is not None:
             d["layers"] = self.layers.to_dict()
         return d

@@ -1,10 +1,11 @@
 """Q / K / V / P quantization against a slow reference attention written here.
 
 The reference loops over batch, heads and tokens, quantizes every vector with its own small
-quantizers (asymmetric INT with float zero point, FP8 through torch's float8 dtype, E4M4 /
-E5M7 by explicit rounding) and is selected through transformers' AttentionInterface under
-its own name; pre-RoPE keys get their own k_proj hook. Logits of the attached model must
-match within ATOL.
+quantizers (asymmetric INT with P3-LLM's integer zero point, or KIVI's float one; FP8 through
+torch's float8 dtype; E4M4 / E5M7 by explicit rounding) and is selected through transformers'
+AttentionInterface under its own name; pre-RoPE keys get their own k_proj hook. As in P3-LLM,
+against a residual (full-precision) token the query, key, P and value all stay full precision.
+Logits of the attached model must match within ATOL.
 """
 
 from __future__ import annotations
@@ -23,12 +24,16 @@ FLOOR = 2.0**-126
 
 
 # -- reference quantizers (one vector at a time) ----------------------------------------------
-def ref_int(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Asymmetric INT with the group minimum as zero point (KIVI)."""
+def ref_int(x: torch.Tensor, bits: int, zero_point: str = "float") -> torch.Tensor:
+    """Asymmetric INT: the group minimum as zero point (KIVI, "float"), or P3-LLM's integer one,
+    z = clamp(round(-min / s), 0, qmax), x_hat = (clamp(round(x / s) + z, 0, qmax) - z) * s."""
     qmax = 2**bits - 1
     mn, mx = x.min(), x.max()
     s = torch.clamp((mx - mn) / qmax, min=FLOOR)
-    return torch.clamp(torch.round((x - mn) / s), 0, qmax) * s + mn
+    if zero_point == "float":
+        return torch.clamp(torch.round((x - mn) / s), 0, qmax) * s + mn
+    z = torch.clamp(torch.round(-mn / s), 0, qmax)
+    return (torch.clamp(torch.round(x / s) + z, 0, qmax) - z) * s
 
 
 def ref_fp8(x: torch.Tensor) -> torch.Tensor:
@@ -54,14 +59,17 @@ def ref_keys(k: torch.Tensor, plan: QuantPlan) -> tuple[torch.Tensor, torch.Tens
     """Keys of one sequence, tokens layout [T, C] -> (K', s) with K' * s ~ K."""
     kv, T = plan.kv, k.shape[0]
     tq = max(T - kv.residual_len, 0)
-    s = k.abs().amax(0).clamp_min(FLOOR) if kv.k_scale else torch.ones(k.shape[1])
     mu = k.mean(0) if kv.k_bias else torch.zeros(k.shape[1])
+    s = torch.ones(k.shape[1])
+    if kv.k_scale:  # with the k-bias P3-LLM's max |K - mu| ** 0.6
+        s = ((k - mu).abs().amax(0) ** 0.6 if kv.k_bias else k.abs().amax(0)).clamp_min(FLOOR)
     out = k / s
     if plan.k.enabled:
         x = (k - mu) / s if kv.k_bias else k / s
         if kv.method == "KTVT":
             for t in range(tq):
-                out[t] = ref_groups(x[t], plan.k.group_size, lambda g: ref_int(g, plan.k.bits)) + mu / s
+                out[t] = ref_groups(x[t], plan.k.group_size, lambda g: ref_int(g, plan.k.bits, plan.k.zero_point)) \
+                    + mu / s
         else:  # KCVT: per channel, groups of k_group_size tokens
             gs = tq if plan.k.group_size == -1 else plan.k.group_size
             for c in range(k.shape[1]):
@@ -76,7 +84,7 @@ def ref_values(v: torch.Tensor, plan: QuantPlan) -> tuple[torch.Tensor, torch.Te
     if plan.v.enabled:
         qmax = 2**plan.v.bits - 1
         for t in range(max(v.shape[0] - plan.kv.residual_len, 0)):
-            out[t] = ref_groups(v[t], plan.v.group_size, lambda g: ref_int(g, plan.v.bits))
+            out[t] = ref_groups(v[t], plan.v.group_size, lambda g: ref_int(g, plan.v.bits, plan.v.zero_point))
             scale[t] = ref_groups(v[t], plan.v.group_size,
                                   lambda g: torch.clamp((g.max() - g.min()) / qmax, min=FLOOR).expand(g.numel()))
     return out, scale
@@ -105,25 +113,28 @@ def ref_attention(module, query, key, value, attention_mask, scaling, dropout=0.
                 if per_query:  # token j is full precision for this query while its (KCVT: group's) end is recent
                     g = plan.k.group_size if plan.kv.method == "KCVT" and plan.k.enabled else 1
                     recent = [((j // g + 1) * g - 1 if g > 0 else j) > pos - R for j in range(T)]
-                else:
-                    recent = [False] * T
-                keys = [k_raw[j, ch] / s[ch] if recent[j] else k_tok[j, ch] for j in range(T)]
-                vals = [v_raw[j, ch] if recent[j] else v_tok[j, ch] for j in range(T)]
-                s_v = torch.tensor([1.0 if recent[j] else v_scale[j, ch.start].item() for j in range(T)])
-                q = query[b, h, i] * s[ch] if plan.kv.k_scale and plan.kv.k_post_rope else query[b, h, i]
+                else:  # the last R tokens, for every query
+                    recent = [j >= T - R for j in range(T)]
+                q_raw = query[b, h, i]
+                q = q_raw * s[ch] if plan.kv.k_scale and plan.kv.k_post_rope else q_raw
                 if plan.q.enabled:
                     q = ref_groups(q, plan.q.group_size, ref_fp8)
-                scores = torch.stack([torch.dot(q, keys[j]) for j in range(T)]) * scaling
+                # recent tokens: full-precision query and key; the others: quantized ones
+                scores = torch.stack([torch.dot(q_raw, k_raw[j, ch]) if recent[j] else torch.dot(q, k_tok[j, ch])
+                                      for j in range(T)]) * scaling
                 if attention_mask is not None:
                     scores = scores + attention_mask[b, 0, i]
                 p = torch.softmax(scores, dim=-1)
-                if plan.p.enabled and plan.v.enabled and plan.kv.fold_v_scale:  # Q(P * s_v) . (V_hat / s_v)
-                    p = ref_ufloat(p * s_v, plan.p.bits)
-                    out[b, i, h] = sum(p[j] * (vals[j] / s_v[j]) for j in range(T))
-                    continue
-                if plan.p.enabled:
-                    p = ref_ufloat(p, plan.p.bits)
-                out[b, i, h] = sum(p[j] * vals[j] for j in range(T))
+                fold = plan.p.enabled and plan.v.enabled and plan.kv.fold_v_scale  # Q(P * s_v) . (V_hat / s_v)
+                acc = torch.zeros(d)
+                for j in range(T):
+                    if recent[j]:  # P unquantized against the full-precision value
+                        acc += p[j] * v_raw[j, ch]
+                        continue
+                    s_v = v_scale[j, ch.start] if fold else 1.0
+                    pj = ref_ufloat(p[j] * s_v, plan.p.bits) if plan.p.enabled else p[j]
+                    acc += pj * (v_tok[j, ch] / s_v)
+                out[b, i, h] = acc
     return out, None
 
 
@@ -177,6 +188,9 @@ CASES = {
     "KTVT-k4v4-g8-residual3-postrope-q8-eager": F(k_bits=4, v_bits=4, k_group_size=8, q_bits=8, kv_residual_len=3,
                                                   k_quant_post_rope=True),
     "kscale-kbias-prerope-eager": F(k_bits=3, v_bits=3, apply_k_scale=True, apply_k_bias=True),
+    "KTVT-k3v3-floatzp-residual2-postrope": F(k_bits=3, v_bits=3, kv_zero_point="float", kv_residual_len=2,
+                                              k_quant_post_rope=True),
+    "KTVT-k4v4-residual1-prerope-q8-p8": F(k_bits=4, v_bits=4, q_bits=8, p_bits=8, kv_residual_len=1),
 }
 
 
@@ -209,3 +223,42 @@ def test_k_scale_and_bias_with_16_bit_keys_leave_logits_unchanged(tiny_models, i
 def test_fold_needs_whole_heads_in_a_v_group(tiny_models):
     with pytest.raises(ValueError, match="--v_group_size 8 does not cover whole heads .*--no_fold_v_scale"):
         attach(tiny_models(), F(p_bits=8, v_bits=4, v_group_size=8))
+
+
+def test_k_scale_with_k_bias_is_p3llms_softened_scale():
+    """max over tokens of |K - mu| ** 0.6 per channel, mu the channel mean (P3-LLM's formula)."""
+    from wkvaq_quant.modeling.kv import key_stats
+
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(2, 7, 12, generator=g) * 3
+    s, mu = key_stats(k, F(k_bits=4, apply_k_scale=True, apply_k_bias=True))
+    for b in range(2):
+        for c in range(12):
+            m = sum(k[b, t, c].item() for t in range(7)) / 7
+            want = max(abs(k[b, t, c].item() - m) for t in range(7)) ** 0.6
+            assert abs(mu[b, 0, c].item() - m) < 1e-5 and abs(s[b, 0, c].item() - want) < 1e-5
+    s_only, _ = key_stats(k, F(k_bits=4, apply_k_scale=True))
+    torch.testing.assert_close(s_only, k.abs().amax(dim=1, keepdim=True))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_ktvt_integer_zero_point_against_a_slow_loop(bits):
+    """The default KTVT key / value format: P3-LLM's integer zero point, element by element."""
+    from wkvaq_quant.quantize import fake_quantize
+
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(3, 5, 32, generator=g) + 0.7  # [B, T, C], per token, groups of 8
+    plan = F(k_bits=bits, v_bits=bits, k_group_size=8, v_group_size=8)
+    assert plan.k.zero_point == "int" and plan.v.zero_point == "int"
+    got = fake_quantize(x, plan.k)
+    qmax = 2**bits - 1
+    for b in range(3):
+        for t in range(5):
+            for g0 in range(0, 32, 8):
+                grp = [x[b, t, c].item() for c in range(g0, g0 + 8)]
+                sc = max((max(grp) - min(grp)) / qmax, FLOOR)
+                z = min(max(round(-min(grp) / sc), 0), qmax)
+                for c, v in zip(range(g0, g0 + 8), grp):
+                    want = (min(max(round(v / sc) + z, 0), qmax) - z) * sc
+                    assert abs(got[b, t, c].item() - want) < 1e-5
+    torch.testing.assert_close(fake_quantize(x, plan.v), got)

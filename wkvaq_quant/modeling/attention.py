@@ -163,46 +163,77 @@ def _recent_mask(plan: QuantPlan, t_q: int, t_k: int, device: torch.device) -> T
     return j > pos_q - plan.kv.residual_len
 
 
-def _per_query_attention(module: nn.Module, state: LayerState, query: Tensor, key: Tensor, value: Tensor,
-                         attention_mask: Tensor | None, scaling: float, dropout: float) -> tuple[Tensor, None]:
-    """Eager attention where every query reads its newest R tokens in full precision.
+def _residual_attention(module: nn.Module, state: LayerState, query: Tensor, key: Tensor, value: Tensor,
+                        attention_mask: Tensor | None, scaling: float, dropout: float) -> tuple[Tensor, None]:
+    """Eager attention with `residual_len` full-precision tokens, as P3-LLM computes it: against a
+    recent token the score uses the full-precision query and key, and its probability stays
+    unquantized and meets the full-precision value; against the other tokens the query, key, P and
+    value are quantized (and V's scale folded into P).
 
-    Scores and outputs are computed from both the quantized and the full-precision K / V and
-    selected per (query, key): S = where(recent, Q.K_fp, Q.K_q), out = P_recent.V_fp + P_old.V_q.
+    Recent tokens: the last R keys for every query ("last", P3-LLM's one forward), or each query's
+    own R newest ("per_query", what a decoder with a full-precision buffer sees), where every token
+    is also quantized and the pair (query, key) picks: S = where(recent, Q.K, Q_q.K_q).
     """
     plan, n_rep, n_kv = state.plan, module.num_key_value_groups, key.shape[1]
-    all_q = dataclasses.replace(plan, kv=dataclasses.replace(plan.kv, residual_len=0))  # every token quantized
+    per_query = plan.kv.per_query_residual
+    quant = dataclasses.replace(plan, kv=dataclasses.replace(plan.kv, residual_len=0)) if per_query else plan
     s = None
-    key_q = key_fp = key
-    if plan.k.enabled or plan.kv.k_scale or plan.kv.k_bias:  # post-RoPE keys (checked by QuantPlan)
+    key_q = key  # keys quantized before RoPE arrive quantized (the residual tokens as they were)
+    if plan.kv.k_post_rope and (plan.k.enabled or plan.kv.k_scale or plan.kv.k_bias):
         k_tok = heads_to_tokens(key)
         if state.prefill:
             state.k_stats = key_stats(k_tok, plan)
-        k_q, s = quantize_keys(k_tok, all_q, state.k_stats)
-        k_fp, _ = quantize_keys(k_tok, plan, state.k_stats, residual_len=k_tok.shape[1])
-        key_q, key_fp = tokens_to_heads(k_q, n_kv), tokens_to_heads(k_fp, n_kv)
+        k_q, s = quantize_keys(k_tok, quant, state.k_stats)
+        key_q = tokens_to_heads(k_q, n_kv)
     fold = plan.folds_v_scale
-    value_q, u, s_v = quantize_values(value, all_q, with_scale=fold)
-    query = quantize_query(query, plan, s)
+    value_q, u, s_v = quantize_values(value, quant, with_scale=fold)
+    query_q = quantize_query(query, plan, s)
     t_q, t_k = query.shape[2], key.shape[2]
-    recent = _recent_mask(plan, t_q, t_k, query.device)  # [Tq, T]
-    key_fp, key_q = _repeat_kv(key_fp, n_rep), _repeat_kv(key_q, n_rep)
-    value, value_q = _repeat_kv(value, n_rep), _repeat_kv(u if fold else value_q, n_rep)
+    key_fp, key_q = _repeat_kv(key, n_rep), _repeat_kv(key_q, n_rep)
+    value_fp, value_q = _repeat_kv(value, n_rep), _repeat_kv(u if fold else value_q, n_rep)
     s_q = _repeat_kv(s_v[..., None], n_rep).transpose(2, 3) if fold else None  # [B, Hkv, T, 1] -> [B, H, 1, T]
 
+    def old_p(p: Tensor, lo: int, hi: int) -> Tensor:
+        """P against quantized tokens lo..hi: V's scale folded in, then P quantized."""
+        if fold:
+            p = (p * s_q[..., lo:hi]).to(query.dtype)
+        return fake_quantize(p, plan.p) if plan.p.enabled else p
+
+    def drop(p: Tensor) -> Tensor:
+        return nn.functional.dropout(p, p=dropout, training=module.training)
+
+    if per_query:
+        recent = _recent_mask(plan, t_q, t_k, query.device)  # [Tq, T]
+
+        def block(i0: int, i1: int, lo: int, hi: int, mask: Tensor | None) -> Tensor:
+            rec = recent[i0:i1, lo:hi]
+            scores = torch.where(rec, torch.matmul(query[:, :, i0:i1], key_fp[:, :, lo:hi].transpose(2, 3)),
+                                 torch.matmul(query_q[:, :, i0:i1], key_q[:, :, lo:hi].transpose(2, 3))) * scaling
+            p = _softmax(scores, mask, query.dtype)
+            p = drop(torch.where(rec, p, old_p(p, lo, hi)))
+            zero = torch.zeros((), dtype=p.dtype, device=p.device)
+            return (torch.matmul(torch.where(rec, p, zero), value_fp[:, :, lo:hi])
+                    + torch.matmul(torch.where(rec, zero, p), value_q[:, :, lo:hi]))
+
+        return _blocked(query, t_k, attention_mask, block), None
+
+    first_recent = max(t_k - plan.kv.residual_len, 0)  # keys first_recent.. are full precision for every query
+
     def block(i0: int, i1: int, lo: int, hi: int, mask: Tensor | None) -> Tensor:
-        q, rec = query[:, :, i0:i1], recent[i0:i1, lo:hi]
-        scores = torch.where(rec, torch.matmul(q, key_fp[:, :, lo:hi].transpose(2, 3)),
-                             torch.matmul(q, key_q[:, :, lo:hi].transpose(2, 3))) * scaling
+        c = min(max(first_recent, lo), hi)  # keys lo..c quantized, c..hi full precision
+        parts = []
+        if c > lo:
+            parts.append(torch.matmul(query_q[:, :, i0:i1], key_q[:, :, lo:c].transpose(2, 3)))
+        if hi > c:
+            parts.append(torch.matmul(query[:, :, i0:i1], key_fp[:, :, c:hi].transpose(2, 3)))
+        scores = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)) * scaling
         p = _softmax(scores, mask, query.dtype)
-        if fold:  # old tokens: P * s_v against U; recent tokens: P against V
-            p = torch.where(rec, p, (p * s_q[..., lo:hi]).to(query.dtype))
-        if plan.p.enabled:
-            p = fake_quantize(p, plan.p)
-        p = nn.functional.dropout(p, p=dropout, training=module.training)
-        zero = torch.zeros((), dtype=p.dtype, device=p.device)
-        return (torch.matmul(torch.where(rec, p, zero), value[:, :, lo:hi])
-                + torch.matmul(torch.where(rec, zero, p), value_q[:, :, lo:hi]))
+        out = 0
+        if c > lo:
+            out = torch.matmul(drop(old_p(p[..., : c - lo], lo, c)), value_q[:, :, lo:c])
+        if hi > c:
+            out = out + torch.matmul(drop(p[..., c - lo:]), value_fp[:, :, c:hi])
+        return out
 
     return _blocked(query, t_k, attention_mask, block), None
 
@@ -219,9 +250,9 @@ def wkvaq_eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
 
         return eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                        **kwargs)
-    if plan.kv.per_query_residual and not (plan.kv.post_attn and state.prefill):
+    if plan.kv.residual_len and not (plan.kv.post_attn and state.prefill):
         state.check_call(query, key)
-        return _per_query_attention(module, state, query, key, value, attention_mask, scaling, dropout)
+        return _residual_attention(module, state, query, key, value, attention_mask, scaling, dropout)
     query, key, value, u, s_v = quantize_qkv(module, query, key, value, fold=plan.folds_v_scale)
     fold = u is not None  # no fold while a prompt attends in full precision (--kv_quant_post_attn)
     quant_p = plan.p.enabled

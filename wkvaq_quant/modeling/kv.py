@@ -53,11 +53,20 @@ def quantize_tokens(x: Tensor, args: QuantArgs, residual_len: int = 0) -> Tensor
     return torch.cat([fake_quantize(x[:, :t_q], args), x[:, t_q:]], dim=1)
 
 
+K_SCALE_BIAS_POWER = 0.6
+"""With k-bias, P3-LLM's k-scale is max |K - mu| ** 0.6 per channel (a softened smoothing)."""
+
+
 def key_stats(k: Tensor, plan: QuantPlan) -> tuple[Tensor | None, Tensor | None]:
-    """k-scale s = max over the tokens of |K| and k-bias mu = mean over the tokens, per channel
-    (each [B, 1, C], None when off), of keys [B, T, C]."""
-    s = k.abs().amax(dim=1, keepdim=True).clamp_min(SCALE_FLOOR) if plan.kv.k_scale else None
+    """Per channel of keys [B, T, C] (each [B, 1, C], None when off): k-bias mu = mean over the
+    tokens; k-scale s = max over the tokens of |K|, or, with the k-bias, P3-LLM's
+    max |K - mu| ** 0.6 (floored at SCALE_FLOOR)."""
     mu = k.mean(dim=1, keepdim=True) if plan.kv.k_bias else None
+    s = None
+    if plan.kv.k_scale:
+        s = k.abs().amax(dim=1, keepdim=True) if mu is None \
+            else (k - mu).abs().amax(dim=1, keepdim=True).pow_(K_SCALE_BIAS_POWER)
+        s = s.clamp_min_(SCALE_FLOOR)
     return s, mu
 
 
