@@ -4,8 +4,7 @@ import pytest
 
 import main as main_module
 from tests.helpers import main_argv
-from wkvaq_quant import run as run_module
-from wkvaq_quant import hub
+from wkvaq_quant import hub, run as run_module
 from wkvaq_quant.cli import parse_config
 from wkvaq_quant.run import RunConfig
 

@@ -70,6 +70,9 @@ def add_weight_algo_args(parser: argparse.ArgumentParser) -> None:
                    help="AWQ: grid points of the scale and clip searches")
     g.add_argument("--search_dtype", default="model", choices=list(AWQ_SEARCH_DTYPES),
                    help=f"AWQ: {SEARCH_DTYPE_HELP}")
+    g.add_argument("--awq_weight_only_search", action="store_true",
+                   help="AWQ with quantized activations (--a_bits, or an llmc act section): search the scales and "
+                        "clips on full-precision inputs (default: on the quantized inputs, as llmc does)")
     g.add_argument("--layer_wise", action="store_true",
                    help="quantize the checkpoint's safetensors shards one decoder block at a time into --save_quant "
                         "(resumable) and stop; evaluate the result with --model DIR")
@@ -81,7 +84,8 @@ def add_weight_algo_args(parser: argparse.ArgumentParser) -> None:
 
 def weight_algo_from_args(args: argparse.Namespace, name: str) -> WeightAlgo:
     """The WeightAlgo `name` with the settings of parsed add_weight_algo_args / add_calib_args flags."""
-    return WeightAlgo(name=name, awq=AwqSearchConfig(n_grid=args.n_grid, search_dtype=args.search_dtype),
+    return WeightAlgo(name=name, awq=AwqSearchConfig(n_grid=args.n_grid, search_dtype=args.search_dtype,
+                                                     weight_only_search=args.awq_weight_only_search),
                       gptq=GptqConfig(percdamp=args.percdamp, act_order=args.act_order,
                                                  static_groups=args.static_groups, next_inputs=args.gptq_next_inputs,
                                                  single_pass=args.gptq_single_pass),

@@ -12,7 +12,7 @@ from wkvaq_quant.data import get_calib_windows, resolve_text_source
 from wkvaq_quant.models import DTYPES, _pretrained_path, load_tokenizer
 from wkvaq_quant.run import RunConfig, prepare_model
 from wkvaq_quant.weights.layerwise import quantize_layer_wise
-from wkvaq_quant.weights.registry import without_weights
+from wkvaq_quant.weights.registry import without_inputs, without_weights
 
 __all__ = ["check_layer_wise", "run_layer_wise"]
 
@@ -21,10 +21,14 @@ def check_layer_wise(cfg: RunConfig) -> None:
     """Refuse settings a layer-wise run cannot honour (before anything is loaded)."""
     if not cfg.save_quant:
         raise ValueError("--layer_wise needs --save_quant DIR (the checkpoint it writes)")
-    if not without_weights(cfg.plan).is_full_precision:
+    rest = without_weights(cfg.plan)
+    if cfg.weight_algo.spec.uses_input_settings(cfg.weight_algo):  # e.g. AWQ searching with quantized inputs
+        rest = without_inputs(rest)
+    if not rest.is_full_precision:
         raise ValueError("--layer_wise writes quantized weights only; activation / KV flags (--a_bits, --q_bits, "
                          "--k_bits, --v_bits, --p_bits, KV options) apply when evaluating the written checkpoint: "
-                         "python main.py --model DIR ...; allowed: weight flags only")
+                         "python main.py --model DIR ...; allowed: weight flags only (activation flags too with "
+                         "--weight_algo awq, whose search sees the inputs quantized)")
 
 
 def run_layer_wise(cfg: RunConfig, log=print) -> dict[str, Any]:

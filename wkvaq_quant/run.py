@@ -96,6 +96,7 @@ class RunConfig:
                              "allowed with: --layer_wise --weight_algo gptq (or awq)")
         if self.offload_activations:
             self.weight_algo.check_offload_activations()
+        self.weight_algo.check_plan(self.plan)
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"--attn_implementation {self.attn_implementation!r}: allowed values are "
                              f"{', '.join(ATTN_IMPLEMENTATIONS)}")

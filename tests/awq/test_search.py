@@ -206,14 +206,22 @@ def _double(obj):
     return obj
 
 
-def _scale_losses_reference(block, group, feats, args, n_grid):
+def _scale_losses_reference(block, group, feats, args, n_grid, a_args=None):
     """Slow reference of one scale search: per alpha, the float64 mean squared difference between
     the inspected module's output with the group's weights set to Q(W * s) / s and with the
-    original weights, each from an explicit forward of a float64 copy of the block."""
+    original weights, each from an explicit forward of a float64 copy of the block. With `a_args`
+    (an activation setting), each group Linear's input x becomes Q_a(x / s) * s (llmc's search on
+    quantized inputs), quantized in the model's dtype."""
     from wkvaq_quant.weights.awq.auto_scale import activation_mean
     from wkvaq_quant.quantize import fake_quantize
 
     ref_block = copy.deepcopy(block).double()
+    current = {}
+    if a_args is not None:
+        for name in group.layers:
+            ref_block.get_submodule(name).register_forward_pre_hook(
+                lambda _m, a: ((fake_quantize((a[0] / current["s"]).float(), a_args) * current["s"]).double(),)
+                if "s" in current else a)
     inspect = ref_block.get_submodule(group.inspect)
     xs = feats.inputs[group.layers[0]]
     x_mean = activation_mean(xs)
@@ -226,11 +234,12 @@ def _scale_losses_reference(block, group, feats, args, n_grid):
         return out[0] if isinstance(out, tuple) else out
 
     with torch.no_grad():
-        fp = [outputs(b, x) for b, x in enumerate(xs)]
+        fp = [outputs(b, x) for b, x in enumerate(xs)]  # full precision: no input quantized yet
         losses = []
         for r in range(n_grid):
             s = x_mean.pow(r / n_grid).clamp(min=1e-4)
             s = (s / (s.max() * s.min()).sqrt()).view(1, -1)
+            current["s"] = s.double()
             for name in group.layers:
                 w0 = block.get_submodule(name).weight
                 ref_block.get_submodule(name).weight.copy_((fake_quantize(w0 * s, args) / s).double())
@@ -342,3 +351,70 @@ def test_clip_search_picks_the_reference_best_candidate(args):
     best = errs.min(0).values
     assert (err_chosen <= best * (1 + 1e-4) + 1e-9).all()
     assert (chosen > 0).float().mean() > 0.2  # a real search: many groups are clipped
+
+
+@pytest.mark.parametrize("a_dtype,a_bits", [("int", 4), ("fp8_e4m3", 8)], ids=["a4-int", "a8-fp8"])
+def test_activation_aware_scale_search_equals_an_explicit_reference(a_dtype, a_bits):
+    """llmc's Awq with an act section: with the inputs quantized, every group's loss per alpha equals
+    an explicit float64 forward whose group Linears see Q_a(x / s), and it differs from the
+    weight-only search's losses."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from wkvaq_quant.weights.awq.auto_scale import search_scale
+    from wkvaq_quant.weights.awq.features import collect_features
+
+    torch.manual_seed(0)
+    mha = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=4, head_dim=16)).eval()
+    block = mha.model.layers[0]
+    with torch.no_grad():
+        block.input_layernorm.weight[list(OUTLIERS[:2])] *= 30.0
+    inputs = capture_block_inputs(mha, calib_ids(2, 16), batch_size=2)
+    lins = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    feats = collect_features(block, inputs, "cpu", lins, ["self_attn", "mlp"])
+    args = _plan(3, "int", 16).w
+    a_args = QuantPlan.from_flags(a_bits=a_bits, a_dtype=a_dtype).a
+    n_grid = 5
+    with torch.no_grad():
+        for g in scale_groups(block):
+            expected = _scale_losses_reference(block, g, feats, args, n_grid, a_args)
+            plain = search_scale(block, g, feats, {n: args for n in lins}, n_grid)
+            found = search_scale(block, g, feats, {n: args for n in lins}, n_grid, a_args={n: a_args for n in lins})
+            torch.testing.assert_close(torch.tensor(found.losses, dtype=torch.float64),
+                                       torch.tensor(expected, dtype=torch.float64), rtol=2e-4, atol=0)
+            assert found.alpha == int(torch.tensor(expected).argmin()) / n_grid
+            assert found.losses != plain.losses
+            assert all(h == {} for h in (block.get_submodule(n)._forward_pre_hooks for n in g.layers))
+            fold_scales(block.get_submodule(g.prev), [block.get_submodule(n) for n in g.layers], found.scales)
+            feats.divide_inputs(g.layers, found.scales)
+
+
+def test_activation_aware_clip_search_against_explicit_outputs():
+    """With a quantized input, each clip candidate's error is the mean over tokens of
+    (Q_a(x)_g . q_g - x_g . w_g)^2 per (row, group), from explicit outputs."""
+    from wkvaq_quant.weights.awq.auto_clip import _sample_tokens, search_clip
+    from wkvaq_quant.quantize import fake_quantize
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(8, 64, generator=g)
+    xs = [torch.randn(2, 40, 64, generator=g) * torch.linspace(0.2, 4, 64)]
+    args = _plan(3, "int", 16).w
+    a_args = QuantPlan.from_flags(a_bits=4, a_dtype="int").a
+    n_grid, shrink = 10, 0.5
+    got = search_clip(w, xs, args, n_grid, shrink, n_sample_token=64, a_args=a_args)
+    x = _sample_tokens([t.reshape(-1, 64) for t in xs], 64)
+    xq = fake_quantize(x, a_args)
+    org_max = w.view(8, 4, 16).abs().amax(-1)
+    best = torch.full((8, 4), float("inf"))
+    want = org_max.clone()
+    for i in range(int(shrink * n_grid)):
+        m = (org_max * (1 - i / n_grid)).unsqueeze(-1)
+        q = fake_quantize(torch.max(torch.min(w.view(8, 4, 16), m), -m).view(8, 64), args).view(8, 4, 16)
+        for r in range(8):
+            for gi in range(4):
+                cols = slice(gi * 16, gi * 16 + 16)
+                err = ((xq[:, cols].double() @ q[r, gi].double() - x[:, cols].double() @ w[r, cols].double()) ** 2).mean()
+                if err < best[r, gi]:
+                    best[r, gi], want[r, gi] = err, m[r, gi, 0]
+    torch.testing.assert_close(got, want)
+    assert not torch.equal(got, search_clip(w, xs, args, n_grid, shrink, n_sample_token=64))  # the inputs matter

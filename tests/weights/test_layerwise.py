@@ -11,10 +11,8 @@ import torch
 
 from tests.conftest import make_tiny_checkpoint
 from wkvaq_quant.config import QuantArgs
-from wkvaq_quant.plan import QuantPlan
-from wkvaq_quant.plan import LayerMap, LayerTarget, MixSetting
-from wkvaq_quant.weights import layerwise as lw
-from wkvaq_quant.weights import safetensors_io as sio
+from wkvaq_quant.plan import LayerMap, LayerTarget, MixSetting, QuantPlan
+from wkvaq_quant.weights import layerwise as lw, safetensors_io as sio
 from wkvaq_quant.weights.awq.pre_quant import run_awq
 from wkvaq_quant.weights.algo import WeightAlgo
 from wkvaq_quant.weights.awq.settings import AwqSearchConfig
@@ -133,6 +131,24 @@ def test_awq_layer_wise_equals_in_memory(request, tmp_path, ids, ckpt, search_dt
     assert cache["scale"] and cache["clip"]  # the search did change the model
     rtn_quantize(ref, plan)
     _assert_same_weights(_load(tmp_path / "out"), ref)
+
+
+def test_activation_aware_awq_layer_wise_equals_in_memory(tied, tmp_path, ids):
+    """With an activation setting (llmc's Awq with act), layer-wise AWQ searches on the quantized inputs as
+    run_awq does in memory, and the weights differ from the weight-only search's."""
+    plan = dataclasses.replace(PLAN, a=QuantPlan.from_flags(a_bits=4, a_dtype="int").a)
+    quantize_layer_wise(tied, tmp_path / "act", plan, AWQ, calib=ids, progress=False, log=lambda s: None)
+    ref = _load(tied)
+    a = AWQ.awq
+    run_awq(ref, plan, ids, "x", n_grid=a.n_grid, max_shrink=a.max_shrink, n_sample_token=a.n_sample_token,
+            progress=False)
+    rtn_quantize(ref, plan)
+    _assert_same_weights(_load(tmp_path / "act"), ref)
+    w_only = _load(tied)
+    run_awq(w_only, plan, ids, "x", n_grid=a.n_grid, max_shrink=a.max_shrink, n_sample_token=a.n_sample_token,
+            progress=False, weight_only_search=True)
+    rtn_quantize(w_only, plan)
+    assert any(not torch.equal(x, y) for x, y in zip(w_only.state_dict().values(), ref.state_dict().values()))
 
 
 class _Killed(Exception):

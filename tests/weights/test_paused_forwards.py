@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from tests.modeling.conftest import build_tiny
-from wkvaq_quant.plan import QuantPlan
-from wkvaq_quant.plan import LayerMap, LayerTarget, MixSetting
+from wkvaq_quant.plan import LayerMap, LayerTarget, MixSetting, QuantPlan
 from wkvaq_quant.modeling.attach import block_linears, decoder_blocks
 from wkvaq_quant.weights.blocks import BlockInputs, PausedForwards, capture_block_inputs, run_block
 from wkvaq_quant.weights.gptq import GptqConfig, gptq_block, gptq_quantize

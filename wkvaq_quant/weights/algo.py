@@ -18,13 +18,12 @@ import torch
 from torch import Tensor, nn
 
 from wkvaq_quant.config import LINEAR_NAMES
-
-from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.data import CALIB_DATASETS
+from wkvaq_quant.plan import QuantPlan
 # the built-in algorithms register themselves on import
-from wkvaq_quant.weights import rtn as _rtn  # noqa: F401, I001
-from wkvaq_quant.weights import gptq as _gptq  # noqa: F401, I001
-from wkvaq_quant.weights import awq as _awq  # noqa: F401, I001
+from wkvaq_quant.weights import rtn as _rtn  # noqa: F401
+from wkvaq_quant.weights import gptq as _gptq  # noqa: F401
+from wkvaq_quant.weights import awq as _awq  # noqa: F401
 from wkvaq_quant.weights.awq.settings import AwqSearchConfig
 from wkvaq_quant.weights.gptq import GptqConfig
 from wkvaq_quant.weights.registry import AlgoSpec, get_weight_algo, weight_algo_names, without_weights
@@ -86,6 +85,11 @@ class WeightAlgo:
     def next_inputs(self) -> str:
         """What the block after a calibrated one sees (blocks.NEXT_INPUTS)."""
         return self.spec.next_inputs(self)
+
+    def check_plan(self, plan: QuantPlan) -> None:
+        """Refuse algorithm settings that do not go with `plan` (the algorithm's own check)."""
+        if self.spec.check_plan is not None:
+            self.spec.check_plan(self, plan)
 
     def check_offload_activations(self) -> None:
         """Refuse --offload_activations where the algorithm keeps the activations in memory anyway."""

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from wkvaq_quant.weights.blocks import BlockInputs
 
 __all__ = ["AlgoSpec", "get_weight_algo", "method_to_algo", "register_weight_algo", "weight_algo_names",
-           "without_weights"]
+           "without_inputs", "without_weights"]
 
 
 def _no_slug(algo: WeightAlgo) -> str:
@@ -41,7 +41,9 @@ class AlgoSpec:
     settings: the WeightAlgo field holding its settings, if any. next_inputs(algo): what the next
     block sees (blocks.NEXT_INPUTS). fp_outputs_from_process: `block` returns the full-precision
     outputs it recorded. slug(algo) / to_dict(algo, result_only): its part of the result name and
-    record. check_offload(algo): refuse --offload_activations where it cannot apply.
+    record. check_offload(algo): refuse --offload_activations where it cannot apply. check_plan(algo,
+    plan): refuse settings that do not go with the plan (before anything loads). uses_input_settings(algo):
+    its search reads the plan's activation settings (so a layer-wise run may carry them).
     """
 
     name: str
@@ -55,6 +57,8 @@ class AlgoSpec:
     slug: Callable[[WeightAlgo], str] = _no_slug
     to_dict: Callable[[WeightAlgo, bool], dict[str, Any]] | None = None
     check_offload: Callable[[WeightAlgo], None] | None = None
+    check_plan: Callable[[WeightAlgo, QuantPlan], None] | None = None
+    uses_input_settings: Callable[[WeightAlgo], bool] = lambda algo: False
 
     def __post_init__(self) -> None:
         if self.needs_calib and self.block is None:
@@ -104,6 +108,16 @@ def without_weights(plan: QuantPlan) -> QuantPlan:
         settings = tuple(dataclasses.replace(s, w=w_off) if s.w is not None else s for s in layers.settings)
         layers = dataclasses.replace(layers, settings=settings)
     return dataclasses.replace(plan, w=w_off, layers=layers)
+
+
+def without_inputs(plan: QuantPlan) -> QuantPlan:
+    """`plan` with every input-activation setting off (weight and KV settings kept)."""
+    a_off = QuantArgs(bits=FULL_PRECISION_BITS, dtype=plan.a.dtype, target="activation")
+    layers = plan.layers
+    if layers is not None:
+        settings = tuple(dataclasses.replace(s, a=None) if s.a is not None else s for s in layers.settings)
+        layers = dataclasses.replace(layers, settings=settings)
+    return dataclasses.replace(plan, a=a_off, layers=layers)
 
 
 def run_nothing(model: nn.Module, plan: QuantPlan, algo: WeightAlgo, calib: Tensor | None, device: str,

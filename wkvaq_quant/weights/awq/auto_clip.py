@@ -30,17 +30,31 @@ __all__ = ["search_clip"]
 
 @torch.no_grad()
 def search_clip(weight: Tensor, xs: list[Tensor], args: QuantArgs, n_grid: int = 20, max_shrink: float = 0.5,
-                n_sample_token: int = 512, oc_batch: int = 256) -> Tensor:
+                n_sample_token: int = 512, oc_batch: int = 256, a_args: QuantArgs | None = None) -> Tensor:
     """Best clip value per (output row, group): [out, n_groups], fp32 on the weight's device.
-    A group size that does not divide the row gives a shorter last group, as in fake_quantize."""
+    A group size that does not divide the row gives a shorter last group, as in fake_quantize.
+
+    `a_args`: the Linear's input-activation setting (llmc with an `act` section): the candidate's
+    group output is Q_a(x)_g . q_g against the full-precision x_g . w_g, i.e. with e = Q_a(x) - x and
+    d = q - w, the error (Q_a(x)_g . d + e_g . w_g)^2 = d G d^T + 2 d (C w) + a constant per group,
+    G and C the token Gram matrices of Q_a(x)_g with itself and with e_g. Q_a runs per token over
+    the whole row, as at inference (llmc quantizes each weight group of the row on its own)."""
     co, ci = weight.shape
     ng = int(group_columns(ci, args.group_size)[-1]) + 1
     gs = ci if args.group_size == -1 else args.group_size
     pad = ng * gs - ci  # zero columns complete the last group; they add nothing to any output
     x = _sample_tokens([t.reshape(-1, ci) for t in xs], n_sample_token)
+    cross = None
+    if a_args is not None and a_args.enabled:
+        xq = fake_quantize(x, a_args)
+        e = F.pad((xq - x).float(), (0, pad)).view(-1, ng, gs).transpose(0, 1)
+        x = xq
     # x [n_token, ci] -> [n_group, n_token, group_size]; per group the token Gram matrix / n_token
     x = F.pad(x.float(), (0, pad)).view(-1, ng, gs).transpose(0, 1)
     gram = torch.bmm(x.transpose(1, 2), x) / x.shape[1]  # [n_group, gs, gs]
+    if a_args is not None and a_args.enabled:
+        cross = torch.bmm(x.transpose(1, 2), e) / x.shape[1]  # [n_group, gs, gs]: Q_a(x)_g^T e_g / n
+        del e
     del x
     best_all = []
     for o0 in range(0, co, oc_batch):
@@ -52,6 +66,7 @@ def search_clip(weight: Tensor, xs: list[Tensor], args: QuantArgs, n_grid: int =
         min_err = torch.full_like(org_max, float("inf"))
         cur = torch.empty_like(w3)
         d = torch.zeros_like(w3)  # its padding stays 0
+        cw = None if cross is None else torch.einsum("gjk,bgk->bgj", cross, w3)  # C w per (row, group)
         for i in range(int(max_shrink * n_grid)):
             max_val = org_max * (1 - i / n_grid)
             m = max_val.unsqueeze(-1)
@@ -63,6 +78,8 @@ def search_clip(weight: Tensor, xs: list[Tensor], args: QuantArgs, n_grid: int =
             d.sub_(w3)
             dt = d.transpose(0, 1)
             err = (torch.bmm(dt, gram) * dt).sum(-1).T  # [b, n_group]
+            if cross is not None:  # + 2 d (C w), the activation error's cross term
+                err += 2 * (d * cw).sum(-1)
             better = err < min_err
             min_err = torch.where(better, err, min_err)
             best = torch.where(better, max_val, best)

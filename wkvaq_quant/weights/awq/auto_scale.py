@@ -10,6 +10,11 @@ alpha with the lowest mean squared error of the inspected module's output (atten
 q/k/v, MLP for gate/up, the linear itself for o_proj / down_proj) against full precision.
 alpha = 0 (s = 1) is plain RTN, so the search never does worse than RTN on the calibration data.
 
+With quantized Linear inputs (llmc's `method: Awq` with an `act` section), a group Linear sees
+Q_a(x / s) during the search (its own activation setting), so the loss measures the weight and
+the activation error together, as llmc's search_scale_subset does; the Linears inside the inspected
+module that are not in the group run as recorded, as in llmc.
+
 The full-precision output of the attention / MLP is the one recorded in the block's forward
 (BlockFeatures.outputs), not computed again. When the inspected module is the scaled Linear itself
 (v -> o, up -> down), its output error is X D^T with D = Q(W * s) / s - W the weight change: computed
@@ -176,16 +181,35 @@ def _same_tensors(a: list[Tensor], b: list[Tensor]) -> bool:
                                     for x, y in zip(a, b))
 
 
+def _quantized_input(x: Tensor, s: Tensor, args: QuantArgs) -> Tensor:
+    """What a Linear whose weight was scaled by s sees of its input x, in x's scale: Q_a(x / s) * s
+    (the candidate weights are Q(W * s) / s, so the product is Q_a(x / s) . Q(W * s)^T)."""
+    sw = s.to(x.device, x.dtype).view(1, -1)
+    return fake_quantize(x / sw, args) * sw
+
+
 @torch.no_grad()
 def search_scale(block: nn.Module, group: ScaleGroup, feats: BlockFeatures, w_args: dict[str, QuantArgs],
-                 n_grid: int = 20, search_dtype: torch.dtype | None = None) -> ScaleSearch:
+                 n_grid: int = 20, search_dtype: torch.dtype | None = None,
+                 a_args: dict[str, QuantArgs] | None = None) -> ScaleSearch:
     """Grid search of the AWQ scales of `group` (see the module docstring). With `search_dtype`, the
     changes of the Linears' outputs are computed in that dtype (_Perturbed; `feats` must hold the
-    Linears' outputs), otherwise everything runs in the model's dtype."""
+    Linears' outputs), otherwise everything runs in the model's dtype.
+
+    `a_args`: the input-activation settings of the Linears (llmc's `method: Awq` with an `act`
+    section): a group Linear whose input is quantized sees Q_a(x / s) during the search, so each
+    candidate's loss holds its weight and its activation error (llmc's search_scale_subset)."""
     if n_grid <= 0:
         raise ValueError(f"n_grid must be positive, got {n_grid}")
+    acts = {n: a for n, a in (a_args or {}).items() if n in group.layers and a.enabled}
+    if acts and search_dtype is not None:
+        raise ValueError("an activation-aware AWQ search (quantized Linear inputs) runs in the model's dtype; "
+                         "allowed: --search_dtype model, or --awq_weight_only_search")
     xs = feats.inputs[group.layers[0]]
     linears: list[nn.Linear] = [block.get_submodule(n) for n in group.layers]
+    if acts and group.layers == (group.inspect,):
+        return _search_linear_with_inputs(group, linears[0], xs, w_args[group.layers[0]], acts[group.layers[0]],
+                                          n_grid)
     # the model's dtype with a non-Linear inspected module sets the candidates into the Linears: keep copies
     in_place = search_dtype is None and group.layers != (group.inspect,)
     originals = [lin.weight.detach().clone() if in_place else lin.weight.detach() for lin in linears]
@@ -204,7 +228,13 @@ def search_scale(block: nn.Module, group: ScaleGroup, feats: BlockFeatures, w_ar
     n_out = sum(r.numel() for r in reference)
     perturbed = None if in_place else _Perturbed(inspect, group.inspect, group.layers, feats, search_dtype)
 
+    current: list[Tensor] = []  # the candidate s, for the input quantizers
+    hooks = [lin.register_forward_pre_hook(lambda _m, args, a=acts[name]: (_quantized_input(args[0], current[0], a),
+                                                                            *args[1:]))
+             for name, lin in zip(group.layers, linears) if name in acts]
+
     def loss(s: Tensor) -> float:
+        current[:] = [s]
         for name, lin, w0, wq in candidates(s):
             if perturbed is None:
                 lin.weight.copy_(wq)
@@ -223,11 +253,31 @@ def search_scale(block: nn.Module, group: ScaleGroup, feats: BlockFeatures, w_ar
     try:
         return _grid_search(group.layers, xs, n_grid, loss)
     finally:
+        for h in hooks:
+            h.remove()
         if perturbed is not None:
             perturbed.close()
         else:
             for lin, w0 in zip(linears, originals):
                 lin.weight.copy_(w0)
+
+
+def _search_linear_with_inputs(group: ScaleGroup, lin: nn.Linear, xs: list[Tensor], w_args: QuantArgs,
+                               a_args: QuantArgs, n_grid: int) -> ScaleSearch:
+    """A Linear-only group (v -> o, up -> down) whose input is quantized: the loss of s is the mean
+    squared difference of Q_a(x / s) . Q(W * s)^T from x W^T, per batch (no weight-change shortcut:
+    the input changes too)."""
+    w0 = lin.weight.detach()
+    refs = [F.linear(x, w0) for x in xs]
+    n_out = sum(r.numel() for r in refs)
+
+    def loss(s: Tensor) -> float:
+        sw = s.to(w0.device, w0.dtype).view(1, -1)
+        wq = fake_quantize(w0 * sw, w_args)
+        return sum(float((F.linear(fake_quantize(x / sw.to(x.dtype), a_args), wq) - r).float().pow_(2).sum())
+                   for x, r in zip(xs, refs)) / n_out
+
+    return _grid_search(group.layers, xs, n_grid, loss)
 
 
 def _grid_search(layers: tuple[str, ...], xs: list[Tensor], n_grid: int, loss_of) -> ScaleSearch:

@@ -44,14 +44,19 @@ def _module_names(model: nn.Module) -> dict[int, str]:
 @torch.no_grad()
 def awq_block(block: nn.Module, prefix: str, index: int, inputs: BlockInputs, plan: QuantPlan,
                device: torch.device | str, n_grid: int, max_shrink: float, n_sample_token: int,
-               out: dict[str, Any], search_dtype: torch.dtype | None = None) -> BlockInputs:
+               out: dict[str, Any], search_dtype: torch.dtype | None = None,
+               weight_only_search: bool = False) -> BlockInputs:
     """Search and fold the scales, then search and apply the clips, of decoder block `index`
     (module name `prefix`) on its inputs, in place; the entries go into out["scale"] / out["clip"].
     Returns the block's full-precision outputs (the next block's inputs, as in llm-awq), recorded
-    in the forward that records the Linears' inputs."""
+    in the forward that records the Linears' inputs. Where the plan quantizes a Linear's input, the
+    scale and clip searches see it quantized (llmc's Awq with an `act` section), unless
+    `weight_only_search`."""
     attn, mlp = block_parts(block)
     lin_names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear) and n.startswith((attn, mlp))]
     w_args: dict[str, QuantArgs] = {n: plan.linear_args(index, n.rsplit(".", 1)[-1])[0] for n in lin_names}
+    a_args: dict[str, QuantArgs] = {} if weight_only_search else {
+        n: a for n in lin_names if (a := plan.linear_args(index, n.rsplit(".", 1)[-1])[1]).enabled}
     # a group is searched only when every linear it changes (its own, and a previous Linear) is quantized
     groups = [g for g in scale_groups(block)
               if all(w_args[n].enabled for n in g.layers) and w_args.get(g.prev, w_args[g.layers[0]]).enabled]
@@ -59,7 +64,7 @@ def awq_block(block: nn.Module, prefix: str, index: int, inputs: BlockInputs, pl
         return run_block(block, inputs, device)
     feats = collect_features(block, inputs, device, lin_names, [attn, mlp], linear_outputs=search_dtype is not None)
     for g in groups:
-        found = search_scale(block, g, feats, w_args, n_grid, search_dtype)
+        found = search_scale(block, g, feats, w_args, n_grid, search_dtype, a_args)
         fold_scales(block.get_submodule(g.prev), [block.get_submodule(n) for n in g.layers], found.scales)
         feats.divide_inputs(g.layers, found.scales)
         out["scale"][f"{prefix}.{g.prev}"] = {"layers": [f"{prefix}.{n}" for n in g.layers], "scales": found.scales,
@@ -69,7 +74,8 @@ def awq_block(block: nn.Module, prefix: str, index: int, inputs: BlockInputs, pl
         if not w_args[n].enabled or n.rsplit(".", 1)[-1] in skip:
             continue
         lin = block.get_submodule(n)
-        max_val = search_clip(lin.weight, feats.inputs[n], w_args[n], n_grid, max_shrink, n_sample_token).cpu()
+        max_val = search_clip(lin.weight, feats.inputs[n], w_args[n], n_grid, max_shrink, n_sample_token,
+                              a_args=a_args.get(n)).cpu()
         clip_weight(lin, max_val, w_args[n].group_size)
         out["clip"][f"{prefix}.{n}"] = {"max_val": max_val, "group_size": w_args[n].group_size}
     return inputs.with_hidden(feats.block_outputs)
@@ -77,7 +83,8 @@ def awq_block(block: nn.Module, prefix: str, index: int, inputs: BlockInputs, pl
 
 def run_awq(model: nn.Module, plan: QuantPlan, calib_ids: Tensor, model_id: str, device: torch.device | str = "cpu",
             n_grid: int = 20, max_shrink: float = 0.5, n_sample_token: int = 512, batch_size: int = 1,
-            progress: bool = True, record_grids: bool = True, search_dtype: str = "model") -> dict[str, Any]:
+            progress: bool = True, record_grids: bool = True, search_dtype: str = "model",
+            weight_only_search: bool = False) -> dict[str, Any]:
     """Search AWQ scales and clips on `calib_ids` [n, T]; returns the cache
     {"scale", "clip", "grid", "meta"} (see wkvaq_quant.weights.awq.cache; "grid" only with `record_grids`, which
     quantizes a copy of every weight once more). The model is left scaled and clipped.
@@ -92,7 +99,7 @@ def run_awq(model: nn.Module, plan: QuantPlan, calib_ids: Tensor, model_id: str,
 
     def process(i: int, block: nn.Module, block_inputs: BlockInputs) -> BlockInputs:
         return awq_block(block, names[id(block)], i, block_inputs, plan, device, n_grid, max_shrink, n_sample_token,
-                         out, low)
+                         out, low, weight_only_search)
 
     for_each_block(model, inputs, process, device, next_inputs="fp", progress=progress, desc="AWQ blocks",
                    fp_outputs_from_process=True)

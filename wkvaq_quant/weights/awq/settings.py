@@ -33,6 +33,8 @@ def check_search_dtype(name: str) -> torch.dtype | None:
 class AwqSearchConfig:
     """AWQ's search: `n_grid` grid points for the scale and the clip searches (--n_grid);
     `max_shrink` and `n_sample_token`: the clip search's range and token sample (llm-awq's values);
+    `weight_only_search`: ignore the plan's activation quantization in the searches (by default a
+    quantized Linear input is quantized there too, as llmc's Awq with an `act` section does);
     `search_dtype`: the scale search's products in the model's dtype ("model") or, for their change
     only, in a lower one (--search_dtype, see AWQ_SEARCH_DTYPES)."""
 
@@ -40,9 +42,12 @@ class AwqSearchConfig:
     max_shrink: float = 0.5
     n_sample_token: int = 512
     search_dtype: str = "model"
+    weight_only_search: bool = False
 
     def __post_init__(self) -> None:
         check_search_dtype(self.search_dtype)
+        if not isinstance(self.weight_only_search, bool):
+            raise ValueError(f"--awq_weight_only_search {self.weight_only_search!r}: allowed: True, False")
         if isinstance(self.n_grid, bool) or not isinstance(self.n_grid, int) or self.n_grid <= 0:
             raise ValueError(f"--n_grid {self.n_grid!r}: allowed: a positive integer")
         if not 0 <= self.max_shrink < 1 or self.n_sample_token <= 0:
