@@ -64,15 +64,42 @@ def _ppl(flags: str, args: argparse.Namespace) -> dict:
                      *flags.split()], args.results_dir)
 
 
+PREVIOUS = "--kv_zero_point float --kv_residual_len 0"
+"""The KV defaults before P3-LLM's (KIVI's float zero point, no residual token): with them a row without
+its own residual computes exactly what it computed before."""
+
+
+def _recorded(label: str) -> str:
+    """The perplexity this benchmark recorded for `label` in bench/RESULTS.md before, or '-'."""
+    from _results_md import RESULTS_MD
+
+    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else ""
+    start = text.find(SECTION)
+    for line in text[start:].splitlines()[1:] if start >= 0 else []:
+        if line.startswith("## "):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells and cells[0] == label and len(cells) >= 3:
+            if len(cells) >= 5 and cells[4] != "-":  # this table's own 'previous defaults' column
+                return cells[4].replace(" (recorded)", "")
+            return cells[2]  # | setting | flags | ppl | ... of the table before that column
+    return "-"
+
+
 def perplexity_table(args: argparse.Namespace) -> list[str]:
+    """Every row with the current defaults; KV rows also with the previous defaults (PREVIOUS), or,
+    where the row sets its own residual (whose rule changed), the number recorded before."""
     rows, fp = [], None
     for label, flags in SETTINGS:
-        rec = _ppl(flags, args)
-        r = rec["results"]["wiki_sample"]
+        r = _ppl(flags, args)["results"]["wiki_sample"]
         fp = r["ppl"] if fp is None else fp
-        rows.append(f"| {label} | `{flags or '(none)'}` | {r['ppl']:.3f} | {r['ppl'] - fp:+.3f} |")
+        previous = "-"
+        if "--k_bits" in flags:
+            previous = _recorded(label) + " (recorded)" if "--kv_residual_len" in flags \
+                else f"{_ppl(f'{flags} {PREVIOUS}', args)['results']['wiki_sample']['ppl']:.3f}"
+        rows.append(f"| {label} | `{flags or '(none)'}` | {r['ppl']:.3f} | {r['ppl'] - fp:+.3f} | {previous} |")
         print(rows[-1], flush=True)
-    return ["| setting | flags | ppl | vs FP |", "|---|---|---:|---:|", *rows]
+    return ["| setting | flags | ppl | vs FP | previous defaults |", "|---|---|---:|---:|---:|", *rows]
 
 
 def forward_times(args: argparse.Namespace) -> list[str]:
@@ -189,7 +216,11 @@ def main() -> None:
                   f"a `main.py` run with the flags shown (and `--model smollm2-135m --datasets wiki_sample "
                   f"--n_windows {args.n_windows}`). The embedded model's weights were stored as 4-bit Q4_1 "
                   f"(blocks of 32), so its FP baseline already sits on a 4-bit grid and weight-only rows "
-                  f"lose less than on an FP16 model.", "", *perplexity_table(args), ""]
+                  f"lose less than on an FP16 model. KV rows run with P3-LLM's defaults (the integer zero point, "
+                  f"--kv_residual_len 1 with KTVT, the query and P in full precision against residual tokens); "
+                  f"'previous defaults' is the same row with `{PREVIOUS}` (the project's defaults before), or, for "
+                  f"a row with its own residual length (whose rule changed), the number recorded before.",
+                  "", *perplexity_table(args), ""]
     if args.part in ("all", "time"):
         lines += [f"Forward time, FP vs quantized interleaved for {args.rounds} rounds in one process "
                   f"(median), one wiki_sample window of 2048 tokens, FP32, {args.threads} torch thread(s), "
