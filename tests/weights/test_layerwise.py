@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -307,3 +308,209 @@ def test_rtn_layer_wise_bfloat16_chunks_equal_in_memory(src, tmp_path, monkeypat
     got = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)
     assert next(got.parameters()).dtype == torch.bfloat16
     _assert_same_weights(got, ref)
+
+
+# --- damaged shards, stale temporary files, the lock --------------------------------------------------
+
+
+def _files(path):
+    """{name: bytes} of a checkpoint directory (the lock file, which is not part of it, left out)."""
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file() and p.name != lw.LOCK_FILE}
+
+
+def _interrupted(src, out, algo, calib, monkeypatch, kill_after):
+    """A run into `out` killed after `kill_after` blocks; restores _write_block and returns a list
+    that collects the blocks written from then on."""
+    real, written = lw._write_block, []
+
+    def dying(sk, i, o, *rest):
+        if len(written) == kill_after:
+            raise _Killed
+        written.append(i)
+        return real(sk, i, o, *rest)
+
+    monkeypatch.setattr(lw, "_write_block", dying)
+    with pytest.raises(_Killed):
+        quantize_layer_wise(src, out, PLAN, algo, calib=calib, progress=False, log=lambda s: None)
+    written.clear()
+    monkeypatch.setattr(lw, "_write_block", lambda sk, i, o, *rest: written.append(i) or real(sk, i, o, *rest))
+    return written
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 7])
+
+
+def _flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_state_records_size_and_sha256_of_every_file(tied, tmp_path):
+    import hashlib
+
+    out = tmp_path / "out"
+    state = quantize_layer_wise(tied, out, PLAN, WeightAlgo("rtn"), progress=False, log=lambda s: None)
+    assert state == json.loads((out / STATE_FILE).read_text())
+    names = [state["shards"][str(i)] for i in range(3)] + [state["rest_shard"], lw.INDEX_FILE]
+    assert sorted(state["files"]) == sorted(names)
+    for name in names:
+        data = (out / name).read_bytes()
+        assert state["files"][name] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
+    assert lw.check_complete(out) is None
+
+
+@pytest.mark.parametrize("algo", [_algo("rtn"), _algo("gptq")], ids=["rtn", "gptq"])
+@pytest.mark.parametrize("damage", [_truncate, _flip_last_byte], ids=["truncated", "flipped"])
+def test_resume_redoes_a_damaged_finished_shard(tied, tmp_path, ids, monkeypatch, algo, damage):
+    """A finished shard that is not what the state recorded (cut short; or the same size with other
+    bytes) is never trusted: its block is redone, the file named in the log, the bytes those of an
+    uninterrupted run."""
+    calib = ids if algo.needs_calib else None
+    quantize_layer_wise(tied, tmp_path / "whole", PLAN, algo, calib=calib, progress=False, log=lambda s: None)
+    out = tmp_path / "resumed"
+    written = _interrupted(tied, out, algo, calib, monkeypatch, kill_after=2)
+    shard = out / json.loads((out / STATE_FILE).read_text())["shards"]["0"]
+    damage(shard)
+    said = []
+    quantize_layer_wise(tied, out, PLAN, algo, calib=calib, progress=False, log=said.append)
+    assert written == [0, 2]  # block 0 redone, block 1 trusted, block 2 new
+    assert any(str(shard) in s and "block 0 is redone" in s for s in said), said
+    assert _files(out) == _files(tmp_path / "whole")
+
+
+def test_state_without_checksums_is_not_trusted(tied, tmp_path, monkeypatch):
+    """Finished shards recorded without size and checksum (an older state file) are redone."""
+    out = tmp_path / "out"
+    quantize_layer_wise(tied, tmp_path / "whole", PLAN, WeightAlgo("rtn"), progress=False, log=lambda s: None)
+    written = _interrupted(tied, out, WeightAlgo("rtn"), None, monkeypatch, kill_after=2)
+    state = json.loads((out / STATE_FILE).read_text())
+    del state["files"]
+    (out / STATE_FILE).write_text(json.dumps(state))
+    said = []
+    quantize_layer_wise(tied, out, PLAN, WeightAlgo("rtn"), progress=False, log=said.append)
+    assert written == [0, 1, 2]
+    assert sum("no size and checksum recorded" in s for s in said) == 2, said
+    assert _files(out) == _files(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("what", ["block", "rest", "index", "missing"])
+def test_complete_checkpoint_is_verified_on_rerun(tied, tmp_path, ids, monkeypatch, what):
+    """Rerunning a complete checkpoint verifies every shard and the index: a damaged block is redone
+    (only it), a damaged rest shard or index is rewritten, without running the blocks again."""
+    algo = _algo("gptq")
+    out = tmp_path / "out"
+    state = quantize_layer_wise(tied, out, PLAN, algo, calib=ids, progress=False, log=lambda s: None)
+    good = _files(out)
+    target = {"block": out / state["shards"]["1"], "rest": out / state["rest_shard"],
+              "index": out / lw.INDEX_FILE, "missing": out / state["shards"]["2"]}[what]
+    if what == "index":
+        target.write_text(target.read_text().replace('"weight_map"', '"weight_mop"'))
+    elif what == "missing":
+        target.unlink()
+    else:
+        _truncate(target)
+    problem = lw.check_complete(out)
+    assert problem is not None and "damaged" in problem
+    real_write, written = lw._write_block, []
+    monkeypatch.setattr(lw, "_write_block", lambda sk, i, o, *rest: written.append(i) or real_write(sk, i, o, *rest))
+    real_capture, captured = lw.capture_block_inputs, []
+    monkeypatch.setattr(lw, "capture_block_inputs", lambda *a, **k: captured.append(1) or real_capture(*a, **k))
+    said = []
+    state = quantize_layer_wise(tied, out, PLAN, algo, calib=ids, progress=False, log=said.append)
+    assert state["complete"] and not any("already complete" in s for s in said)
+    assert any(str(target) in s and "not trusted" in s for s in said), said
+    assert written == {"block": [1], "missing": [2]}.get(what, [])
+    assert captured == ([1] if what in ("block", "missing") else [])  # the final files need no forward
+    assert _files(out) == good
+    assert lw.check_complete(out) is None
+    said.clear()
+    quantize_layer_wise(tied, out, PLAN, algo, calib=ids, progress=False, log=said.append)
+    assert said == [f"[wkvaq] {out}: layer-wise checkpoint already complete (every shard verified)"]
+
+
+def test_stale_temporary_files_are_removed(tied, tmp_path, monkeypatch):
+    """Temporary files a killed writer left (a shard's, the state's, the index's) and the activations
+    directory are removed when a run starts, also from a complete checkpoint; other files stay."""
+    out = tmp_path / "out"
+    quantize_layer_wise(tied, tmp_path / "whole", PLAN, WeightAlgo("rtn"), progress=False, log=lambda s: None)
+    _interrupted(tied, out, WeightAlgo("rtn"), None, monkeypatch, kill_after=1)
+    stale = [".model-00002-of-00004.safetensors.4242.tmp", f".{STATE_FILE}.k3j_x9q.tmp", f".{lw.INDEX_FILE}.abc.tmp"]
+    for name in stale:
+        (out / name).write_bytes(b"half written")
+    (out / lw.ACTIVATIONS_DIR / "gen0").mkdir(parents=True)
+    said = []
+    quantize_layer_wise(tied, out, PLAN, WeightAlgo("rtn"), progress=False, log=said.append)
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp") or p.name == lw.ACTIVATIONS_DIR]
+    assert any("removed 3 stale temporary file(s)" in s for s in said), said
+    assert _files(out) == _files(tmp_path / "whole")
+    (out / stale[0]).write_bytes(b"x")
+    (out / ".notes.tmp").write_text("not the writer's")
+    said.clear()
+    state = quantize_layer_wise(tied, out, PLAN, WeightAlgo("rtn"), progress=False, log=said.append)
+    assert state["complete"] and "already complete" in said[-1]
+    assert not (out / stale[0]).exists() and (out / ".notes.tmp").is_file()
+    # a directory holding nothing but a dead run's lock file and temporary files is a new run's
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / lw.LOCK_FILE).write_text("")
+    (fresh / f".{STATE_FILE}.zz.tmp").write_text("{")
+    quantize_layer_wise(tied, fresh, PLAN, WeightAlgo("rtn"), progress=False, log=lambda s: None)
+    assert _files(fresh) == _files(tmp_path / "whole")
+
+
+_HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+os.pwrite(fd, f"{os.getpid()}\\n".encode(), 0)
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_run_into_the_same_directory_is_refused(tied, tmp_path, capsys):
+    """While another process holds the directory's lock, a run is refused at once (main.py: one
+    `error:` line, exit 2) and writes nothing; once that process dies (killed), the run proceeds."""
+    import subprocess
+    import sys
+
+    import main as main_module
+
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out / lw.LOCK_FILE)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match=f"--save_quant {out}: another layer-wise run holds it "
+                                             f"\\(pid {holder.pid}\\)"):
+            quantize_layer_wise(tied, out, PLAN, WeightAlgo("rtn"), progress=False, log=lambda s: None)
+        assert sorted(p.name for p in out.iterdir()) == [lw.LOCK_FILE]
+        code = main_module.main(["--model", str(tied), "--w_bits", "4", "--w_group_size", "16", "--layer_wise",
+                                 "--save_quant", str(out), "--no_progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"error: --save_quant {out}: another layer-wise run holds it")
+        assert err.count("\n") == 1, err
+    finally:
+        holder.kill()
+        holder.wait()
+    state = quantize_layer_wise(tied, out, PLAN, WeightAlgo("rtn"), progress=False, log=lambda s: None)
+    assert state["complete"]
+    assert (out / lw.LOCK_FILE).read_text().strip() == str(os.getpid())
+
+
+def test_lock_is_released_when_a_run_fails_and_is_not_part_of_the_checkpoint(tied, tmp_path, monkeypatch):
+    """A run that dies with an exception releases the lock (the resume in the same process is not
+    refused); the lock file is never copied into a checkpoint written from this one."""
+    out = tmp_path / "out"
+    _interrupted(tied, out, WeightAlgo("rtn"), None, monkeypatch, kill_after=1)
+    assert (out / lw.LOCK_FILE).is_file()
+    quantize_layer_wise(tied, out, PLAN, WeightAlgo("rtn"), progress=False, log=lambda s: None)
+    again = tmp_path / "again"
+    quantize_layer_wise(out, again, PLAN, WeightAlgo("rtn"), progress=False, log=lambda s: None)
+    assert STATE_FILE in {p.name for p in again.iterdir()}
+    assert json.loads((again / STATE_FILE).read_text())["complete"]
+    assert not set(_files(again)) - set(_files(out))  # nothing but what a checkpoint holds

@@ -69,3 +69,43 @@ def test_writer_refuses_wrong_order_dtype_and_short_tensors(tmp_path):
         with sio.ShardWriter(path, specs) as w:
             w.write("a.weight", torch.cat([TENSORS["a.weight"]] * 2))
     assert not path.exists() and not list(tmp_path.iterdir())  # nothing half-written is left
+
+
+def test_writer_records_size_and_sha256_and_check_shard_finds_damage(tmp_path):
+    """ShardWriter hashes what it writes (the file's sha256 and size); check_shard accepts the file
+    and refuses it cut short, grown, with a broken header, or with a header length past its end."""
+    import hashlib
+
+    path = tmp_path / "x.safetensors"
+    with sio.ShardWriter(path, _specs(TENSORS)) as w:
+        for k, v in TENSORS.items():
+            w.write(k, v)
+    data = path.read_bytes()
+    assert (w.nbytes, w.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    assert sio.file_sha256(path) == w.sha256
+    assert set(sio.check_shard(path)) == set(TENSORS)
+    bad = tmp_path / "bad.safetensors"
+    header_len = int.from_bytes(data[:8], "little")
+    for damaged, why in [(data[:-3], r"has \d+ bytes, its header declares \d+ \(truncated\)"),
+                         (data + b"\0", r"has \d+ bytes, its header declares \d+$"),
+                         (data[:8 + header_len // 2], "truncated or not a safetensors file"),
+                         (data[:5], "no header length"),
+                         (data[:8] + b"\xff" * header_len + data[8 + header_len:], "unreadable safetensors header"),
+                         ((1 << 62).to_bytes(8, "little") + data[8:], "truncated or not a safetensors file")]:
+        bad.write_bytes(damaged)
+        with pytest.raises(ValueError, match=why):
+            sio.check_shard(bad)
+    bad.write_bytes(data[:8 + header_len // 2])
+    with pytest.raises(ValueError, match="truncated or not a safetensors file"):  # no huge read either
+        sio.read_entries(bad)
+
+
+def test_tmp_target_knows_the_writers_temporary_names(tmp_path):
+    path = tmp_path / "m.safetensors"
+    w = sio.ShardWriter(path, _specs({"b.bias": TENSORS["b.bias"]}))
+    tmp_name = next(tmp_path.iterdir()).name
+    w.write("b.bias", TENSORS["b.bias"])
+    w.__exit__(None, None, None)
+    assert sio.tmp_target(tmp_name) == "m.safetensors"
+    assert sio.tmp_target(".state.json.k3j_x9q.tmp") == "state.json"  # results.atomic_write_text's
+    assert sio.tmp_target("state.json.tmp") is None and sio.tmp_target(".x.tmp") is None

@@ -17,17 +17,30 @@ At the end the remaining tensors (embeddings, norm, head: streamed in row chunks
 json, the config and the tokenizer files are written: a normal Hugging Face checkpoint of
 fake-quantized weights.
 
-Resumable: `STATE_FILE` in the output directory records the settings and the finished blocks
-(written after each block's shard is in place); rerunning the same settings continues with the
-next block (a calibrated run recomputes the inputs of the next block by running the finished
-blocks, read back from the output or the source) and gives the same bytes as an uninterrupted
-run. Other settings in the same directory are refused.
+Resumable: `STATE_FILE` in the output directory records the settings, the finished blocks and,
+for every file written (block shards, the rest shard, the index), its size and sha256 (written
+after each block's shard is in place); rerunning the same settings first verifies every finished
+shard (size, a readable header declaring that size, the checksum) and redoes a damaged or missing
+one (logged, never trusted), then continues with the next block (a calibrated run recomputes the
+inputs of the next block by running the finished blocks, read back from the output or the source)
+and gives the same bytes as an uninterrupted run. A complete checkpoint is verified the same way
+(also its rest shard and index) on every rerun. Other settings in the same directory are refused.
+
+One run at a time: a run holds an exclusive `flock` on `LOCK_FILE` inside the output directory
+(released when the run ends or dies); a second run into the same directory is refused at once.
+Stale temporary files of this writer (`.NAME.XXX.tmp` of a shard, the state or the index, left
+by a killed run) and `ACTIVATIONS_DIR` are removed at the start of a run (under the lock), and a
+complete checkpoint has none.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -45,13 +58,18 @@ from wkvaq_quant.weights.algo import WeightAlgo
 from wkvaq_quant.weights.registry import weight_algo_names
 from wkvaq_quant.quantize import quantize
 from wkvaq_quant.weights.blocks import BlockInputs, advance_block, capture_block_inputs, outside_modules
-from wkvaq_quant.weights.safetensors_io import ShardWriter, TensorEntry, read_entries, read_rows, read_tensor, row_chunks
+from wkvaq_quant.weights.safetensors_io import (ShardWriter, TensorEntry, check_shard, file_sha256, read_entries,
+                                                read_rows, read_tensor, row_chunks, tmp_target)
 
-__all__ = ["ACTIVATIONS_DIR", "INDEX_FILE", "STATE_FILE", "SafetensorsCheckpoint", "quantize_layer_wise"]
+__all__ = ["ACTIVATIONS_DIR", "INDEX_FILE", "LOCK_FILE", "STATE_FILE", "SafetensorsCheckpoint", "check_complete",
+           "quantize_layer_wise"]
 
 STATE_FILE = "wkvaq_layerwise.json"
 ACTIVATIONS_DIR = ".activations"
 INDEX_FILE = "model.safetensors.index.json"
+LOCK_FILE = ".wkvaq_layerwise.lock"
+"""Held (flock) by the run writing the directory; not part of the checkpoint (never copied or listed)."""
+_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".gguf")
 
 
@@ -112,10 +130,8 @@ class _Skeleton:
     prefixes: list[str]  # module name of each block
 
 
-def _skeleton(ckpt: SafetensorsCheckpoint, dtype: torch.dtype, trust_remote_code: bool,
-              for_capture: bool) -> _Skeleton:
-    """The model on the meta device; with `for_capture`, the modules the forward passes through
-    before decoder block 0 (embeddings, rotary embedding, final norm) are read in, the head is not."""
+def _skeleton(ckpt: SafetensorsCheckpoint, trust_remote_code: bool) -> _Skeleton:
+    """The model on the meta device (no weights read; see _read_outside)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(ckpt.dir, trust_remote_code=trust_remote_code)
@@ -126,9 +142,15 @@ def _skeleton(ckpt: SafetensorsCheckpoint, dtype: torch.dtype, trust_remote_code
     blocks = decoder_blocks(model)
     names = {id(m): n for n, m in model.named_modules()}
     prefixes = [names[id(b)] for b in blocks]
-    sk = _Skeleton(model, blocks, prefixes)
-    if not for_capture:
-        return sk
+    return _Skeleton(model, blocks, prefixes)
+
+
+def _read_outside(sk: _Skeleton, ckpt: SafetensorsCheckpoint, dtype: torch.dtype) -> None:
+    """Read in the modules the forward passes through before decoder block 0 (embeddings, rotary
+    embedding, final norm), not the head."""
+    model, blocks = sk.model, sk.blocks
+    config = model.config
+    names = {id(m): n for n, m in model.named_modules()}
     tied = getattr(config, "tie_word_embeddings", False)
     head = model.get_output_embeddings()
     head_keys = {f"{names[id(head)]}.{k}" for k in head.state_dict()} if head is not None and not tied else set()
@@ -146,7 +168,6 @@ def _skeleton(ckpt: SafetensorsCheckpoint, dtype: torch.dtype, trust_remote_code
             if t.is_meta and not n.startswith(_block_prefixes(sk)) and n not in head_keys]
     if left:
         raise ValueError(f"--layer_wise: the checkpoint in {ckpt.dir} lacks {', '.join(left[:3])}")
-    return sk
 
 
 def _block_prefixes(sk: _Skeleton) -> tuple[str, ...]:
@@ -178,18 +199,23 @@ Pieces = Iterator[tuple[str, Tensor]]
 """(tensor name, its next rows) in the order of a shard's specs, each tensor in full."""
 
 
-def _write_shard(path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], pieces: Pieces) -> None:
-    """Write a safetensors file piece by piece, atomically (safetensors_io.ShardWriter)."""
+FileRecord = dict[str, Any]
+"""{"bytes": size, "sha256": hex digest} of a file written, as the run state records it."""
+
+
+def _write_shard(path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], pieces: Pieces) -> FileRecord:
+    """Write a safetensors file piece by piece, atomically (safetensors_io.ShardWriter); its record
+    (size and sha256, hashed while writing)."""
     with ShardWriter(path, specs) as w:
         for name, rows in pieces:
             w.write(name, rows)
+    return {"bytes": w.nbytes, "sha256": w.sha256}
 
 
 def _write_block(sk: _Skeleton, i: int, out: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 pieces: Pieces) -> str:
+                 pieces: Pieces) -> tuple[str, FileRecord]:
     name = _shard_name(i, len(sk.blocks) + 1)
-    _write_shard(out / name, specs, pieces)
-    return name
+    return name, _write_shard(out / name, specs, pieces)
 
 
 def _copy_specs(ckpt: SafetensorsCheckpoint, names: list[str], dtype: torch.dtype,
@@ -246,8 +272,69 @@ def _module_block(sk: _Skeleton, i: int) -> tuple[list, Pieces]:
     return [(k, v.dtype, tuple(v.shape)) for k, v in state.items()], iter(state.items())
 
 
+def _save_state(out: Path, state: dict[str, Any]) -> None:
+    """Write the run state atomically, its file records in name order (the same bytes however a
+    run was interrupted and resumed)."""
+    state["files"] = dict(sorted(state.get("files", {}).items()))
+    order = ("settings", "done", "shards", "files", "rest_shard", "complete")
+    atomic_write_json(out / STATE_FILE, {**{k: state[k] for k in order if k in state}, **state})
+
+
+def _foreign_entries(out: Path) -> list[str]:
+    """What `out` holds besides this writer's lock and stale temporary files (none when it is new)."""
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE and not _is_stale_tmp(p.name))
+
+
+def _is_stale_tmp(name: str) -> bool:
+    """A temporary file of this writer (a shard's, the state's, the index's); stale when the lock is held."""
+    target = tmp_target(name)
+    return target is not None and (target in (STATE_FILE, INDEX_FILE) or bool(_SHARD_RE.match(target)))
+
+
+def _remove_stale(out: Path, log: Callable[[str], None]) -> None:
+    """Remove the temporary files a killed run left (only while holding the lock) and ACTIVATIONS_DIR."""
+    stale = sorted(p for p in out.iterdir() if p.is_file() and _is_stale_tmp(p.name))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        log(f"[wkvaq] {out}: removed {len(stale)} stale temporary file(s) of an interrupted run: "
+            f"{', '.join(p.name for p in stale)}")
+    shutil.rmtree(out / ACTIVATIONS_DIR, ignore_errors=True)
+
+
+@contextmanager
+def _run_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive, non-blocking flock on `out/LOCK_FILE` (created with `out`); another holder
+    is refused at once. The kernel releases it when the process ends, however it ends."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            raise ValueError(f"--save_quant {out}: another layer-wise run holds it"
+                             + (f" (pid {holder})" if holder.isdigit() else "")
+                             + f" (lock {out / LOCK_FILE}); allowed: wait until it ends, or another directory") \
+                from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _refuse_foreign(out: Path) -> None:
+    if not (out / STATE_FILE).is_file() and _foreign_entries(out):
+        raise ValueError(f"--save_quant {out} exists, is not empty and holds no layer-wise run; allowed: an "
+                         f"empty or new directory")
+
+
 def _open_state(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """The run state in `out` (new, or a previous run of the same settings); refuses other settings."""
+    """The run state in `out` (new, or a previous run of the same settings); refuses other settings.
+    Called with the lock held and `out` created."""
     state_path = out / STATE_FILE
     if state_path.is_file():
         state = json.loads(state_path.read_text())
@@ -256,15 +343,92 @@ def _open_state(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
             diff = sorted(k for k in {*settings, *theirs} if settings.get(k) != theirs.get(k))
             raise ValueError(f"--save_quant {out} holds a layer-wise run with other settings (differing: "
                              f"{', '.join(diff)}); allowed: the same command to resume it, or another directory")
-        state["done"] = [i for i in state["done"] if (out / state["shards"][str(i)]).is_file()]
+        state.setdefault("files", {})
         return state
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"--save_quant {out} exists, is not empty and holds no layer-wise run; allowed: an "
-                         f"empty or new directory")
-    out.mkdir(parents=True, exist_ok=True)
-    state = {"settings": settings, "done": [], "shards": {}, "complete": False}
-    atomic_write_json(state_path, state)
+    _refuse_foreign(out)
+    state = {"settings": settings, "done": [], "shards": {}, "files": {}, "complete": False}
+    _save_state(out, state)
     return state
+
+
+def _file_problem(path: Path, record: FileRecord | None, check: Callable[[Path], Any]) -> str | None:
+    """Why the file at `path` is not the one `record` describes (None: it is): missing, no record,
+    another size, `check` failing (an unreadable header), another sha256."""
+    if not path.is_file():
+        return "missing"
+    if not isinstance(record, dict) or "bytes" not in record or "sha256" not in record:
+        return "no size and checksum recorded (written by an older version)"
+    size = path.stat().st_size
+    if size != record["bytes"]:
+        return f"{size} bytes, {record['bytes']} recorded" + (" (truncated)" if size < record["bytes"] else "")
+    try:
+        check(path)
+    except (OSError, ValueError) as err:
+        return f"unreadable: {err}"
+    if file_sha256(path) != record["sha256"]:
+        return "sha256 differs from the recorded one"
+    return None
+
+
+def _check_index(path: Path) -> None:
+    index = json.loads(path.read_text())
+    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+        raise ValueError(f"{path} has no weight_map")
+
+
+def _damaged(out: Path, state: dict[str, Any]) -> tuple[dict[int, str], dict[str, str]]:
+    """({finished block: why its shard is not trusted}, {final file: why}) of the run state in `out`;
+    the final files (rest shard, index) only when the state says complete. Reads only."""
+    files = state.get("files", {})
+    blocks = {}
+    for i in state["done"]:
+        name = state["shards"].get(str(i))
+        problem = "no shard recorded" if name is None else _file_problem(out / name, files.get(name), check_shard)
+        if problem is not None:
+            blocks[i] = problem
+    final = {}
+    if state["complete"]:
+        rest = state.get("rest_shard")
+        for name, check in ((rest, check_shard), (INDEX_FILE, _check_index)):
+            problem = "not recorded" if name is None else _file_problem(out / name, files.get(name), check)
+            if problem is not None:
+                final[name or "the rest shard"] = problem
+    return blocks, final
+
+
+def _verify(out: Path, state: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Drop from `state` every finished shard that is not what it recorded (logged, its file removed:
+    the block is redone), and the complete mark when anything is damaged (the final files are
+    rewritten); the state file is rewritten when anything changed."""
+    blocks, final = _damaged(out, state)
+    for i, problem in blocks.items():
+        name = state["shards"].get(str(i))
+        log(f"[wkvaq] {out / name if name else out}: damaged shard of block {i} ({problem}); not trusted, "
+            f"block {i} is redone")
+        if name is not None:
+            (out / name).unlink(missing_ok=True)
+            state["files"].pop(name, None)
+    for name, problem in final.items():
+        log(f"[wkvaq] {out / name}: damaged ({problem}); not trusted, it is rewritten")
+    if blocks or final:
+        state["done"] = [i for i in state["done"] if i not in blocks]
+        state["complete"] = False
+        _save_state(out, state)
+
+
+def check_complete(out: str | Path) -> str | None:
+    """None when `out` holds a complete layer-wise checkpoint whose every shard and index are intact
+    (size, header, sha256 as recorded); otherwise why not. Reads only (no lock)."""
+    out = Path(out)
+    try:
+        state = json.loads((out / STATE_FILE).read_text())
+    except (OSError, ValueError) as err:
+        return f"no readable run state {out / STATE_FILE} ({err.__class__.__name__})"
+    if not state.get("complete"):
+        return f"{out}: the layer-wise run is not complete"
+    blocks, final = _damaged(out, state)
+    problems = [f"block {i}: {p}" for i, p in blocks.items()] + [f"{n}: {p}" for n, p in final.items()]
+    return f"{out}: damaged: {'; '.join(problems)}" if problems else None
 
 
 def quantize_layer_wise(src: str | Path, out: str | Path, plan: QuantPlan, algo: WeightAlgo,
@@ -272,7 +436,8 @@ def quantize_layer_wise(src: str | Path, out: str | Path, plan: QuantPlan, algo:
                         model_id: str | None = None, trust_remote_code: bool = False, progress: bool = True,
                         offload_activations: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Quantize the checkpoint in `src` block by block into `out` (see the module docstring);
-    returns the run state ({"settings", "done", "shards", "complete"}). With `offload_activations`
+    returns the run state ({"settings", "done", "shards", "files", "rest_shard", "complete"}; "files":
+    {file name: {"bytes", "sha256"}}). With `offload_activations`
     the calibration activations live in files under `out/ACTIVATIONS_DIR` (removed at the end)."""
     if algo.needs_calib and calib is None:
         raise ValueError(f"--weight_algo {algo.name} needs calibration windows")
@@ -285,23 +450,39 @@ def quantize_layer_wise(src: str | Path, out: str | Path, plan: QuantPlan, algo:
     out = Path(out)
     settings = {"model": model_id or str(Path(src).resolve()), "dtype": str(dtype).removeprefix("torch."),
                 "plan": plan.to_dict(), "weight_algo": algo.to_dict(result_only=True)}
-    state = _open_state(out, settings)
-    if state["complete"]:
-        log(f"[wkvaq] {out}: layer-wise checkpoint already complete")
-        return state
-    sk = _skeleton(ckpt, dtype, trust_remote_code, for_capture=algo.needs_calib)
+    _refuse_foreign(out)  # before the lock file is created in someone else's directory
+    with _run_lock(out):
+        _remove_stale(out, log)
+        state = _open_state(out, settings)
+        _verify(out, state, log)
+        if state["complete"]:
+            log(f"[wkvaq] {out}: layer-wise checkpoint already complete (every shard verified)")
+            return state
+        _run(ckpt, out, state, plan, algo, calib, dtype, device, trust_remote_code, progress, offload_activations)
+        _remove_stale(out, log)  # none can be left by this run; a complete checkpoint has none
+        state["complete"] = True
+        _save_state(out, state)
+    log(f"[wkvaq] wrote the layer-wise quantized checkpoint {out} ({len(state['done'])} blocks)")
+    return state
+
+
+def _run(ckpt: SafetensorsCheckpoint, out: Path, state: dict[str, Any], plan: QuantPlan, algo: WeightAlgo,
+         calib: Tensor | None, dtype: torch.dtype, device: str, trust_remote_code: bool, progress: bool,
+         offload_activations: bool) -> None:
+    """Quantize and write the blocks not done yet, then the final files (the lock is held)."""
+    sk = _skeleton(ckpt, trust_remote_code)
     n = len(sk.blocks)
     if plan.layers is not None:
         plan.layers.check_depth(n)
     done = set(state["done"])
+    todo = [i for i in range(n) if i not in done]
     inputs: BlockInputs | None = None
     offload_dir = out / ACTIVATIONS_DIR if offload_activations else None
-    if offload_dir is not None:
-        shutil.rmtree(offload_dir, ignore_errors=True)  # left by a killed run
-    if algo.needs_calib:
+    if algo.needs_calib and todo:  # finished blocks after the last one to do need not run
+        _read_outside(sk, ckpt, dtype)
         inputs = capture_block_inputs(sk.model, calib, device, offload_dir=offload_dir)
         _release_outside(sk)
-    for i in tqdm(range(n), desc="layer-wise blocks", disable=not progress):
+    for i in tqdm(range(max(todo) + 1 if todo else 0), desc="layer-wise blocks", disable=not progress):
         if i in done and inputs is None:
             continue
         if i in done:  # only its outputs are needed: the next block's inputs
@@ -312,24 +493,24 @@ def quantize_layer_wise(src: str | Path, out: str | Path, plan: QuantPlan, algo:
             _release_block(sk, i)
             continue
         if inputs is None:
-            state["shards"][str(i)] = _write_block(sk, i, out, *_rtn_block(sk, i, ckpt, plan, dtype, device))
+            name, record = _write_block(sk, i, out, *_rtn_block(sk, i, ckpt, plan, dtype, device))
         else:
             _load_block(sk, i, ckpt, dtype)
             block = sk.blocks[i].to(device)
             inputs = advance_block(block, i, inputs, _calibrated(sk, plan, algo, device), device, algo.next_inputs,
                                    fp_outputs_from_process=algo.spec.fp_outputs_from_process)
             block.to("cpu")
-            state["shards"][str(i)] = _write_block(sk, i, out, *_module_block(sk, i))
+            name, record = _write_block(sk, i, out, *_module_block(sk, i))
             _release_block(sk, i)
+        state["shards"][str(i)] = name
+        state["files"][name] = record
         state["done"] = sorted({*state["done"], i})
-        atomic_write_json(out / STATE_FILE, state)
+        _save_state(out, state)
     if inputs is not None:
         inputs.discard()
     if offload_dir is not None:
         shutil.rmtree(offload_dir, ignore_errors=True)
     _finish(sk, ckpt, out, state, dtype)
-    log(f"[wkvaq] wrote the layer-wise quantized checkpoint {out} ({n} blocks)")
-    return state
 
 
 def _calibrated(sk: _Skeleton, plan: QuantPlan, algo: WeightAlgo, device: str) -> Callable:
@@ -349,11 +530,12 @@ def _shard_bytes(path: Path) -> tuple[list[str], int]:
 
 def _finish(sk: _Skeleton, ckpt: SafetensorsCheckpoint, out: Path, state: dict[str, Any], dtype: torch.dtype) -> None:
     """The rest of the tensors (streamed in row chunks), the index, the config and the tokenizer
-    files; then mark complete."""
+    files, each recorded in the state (the caller marks it complete)."""
     n = len(sk.blocks)
     rest = [k for k in ckpt.entries if not k.startswith(_block_prefixes(sk))]
     rest_name = _shard_name(n, n + 1)
-    _write_shard(out / rest_name, _copy_specs(ckpt, rest, dtype), _copied(ckpt, rest, dtype))
+    state["files"][rest_name] = _write_shard(out / rest_name, _copy_specs(ckpt, rest, dtype), _copied(ckpt, rest, dtype))
+    state["rest_shard"] = rest_name
     weight_map, total = {}, 0
     for shard in [*(state["shards"][str(i)] for i in range(n)), rest_name]:
         names, size = _shard_bytes(out / shard)
@@ -361,9 +543,8 @@ def _finish(sk: _Skeleton, ckpt: SafetensorsCheckpoint, out: Path, state: dict[s
         total += size
     atomic_write_json(out / INDEX_FILE, {"metadata": {"total_size": total},
                                          "weight_map": dict(sorted(weight_map.items()))})
+    state["files"][INDEX_FILE] = {"bytes": (out / INDEX_FILE).stat().st_size, "sha256": file_sha256(out / INDEX_FILE)}
     for p in sorted(ckpt.dir.iterdir()):
-        if p.is_file() and p.suffix not in _WEIGHT_SUFFIXES and p.name not in (INDEX_FILE, STATE_FILE) \
+        if p.is_file() and p.suffix not in _WEIGHT_SUFFIXES and p.name not in (INDEX_FILE, STATE_FILE, LOCK_FILE) \
                 and not p.name.startswith("."):
             shutil.copy2(p, out / p.name)
-    state["complete"] = True
-    atomic_write_json(out / STATE_FILE, state)
