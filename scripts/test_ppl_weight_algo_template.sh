@@ -7,7 +7,11 @@
 # Finished work is skipped (a result file holding every dataset; a complete layer-wise checkpoint),
 # an interrupted layer-wise checkpoint resumes at its next block, a failing setting is logged under
 # $RESULTS_DIR/logs/ and the sweep goes on; a summary and the report table come at the end.
+# Values are checked before anything runs (a bad one is refused naming the variable, exit 2); no value
+# is ever expanded to file names (set -f). A "complete" checkpoint is skipped only once every shard and
+# the index are verified (size, header, sha256 as recorded); otherwise main.py redoes what is damaged.
 set -uo pipefail
+set -f
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 # shellcheck source=lib/sweep.sh
@@ -31,6 +35,18 @@ n_windows="${N_WINDOWS:-2}"
 seq_len="${SEQ_LEN:-2048}"
 RESULTS_DIR="${RESULTS_DIR:-results/sweep_weight_algo}"
 
+sweep_check_match MODEL_LIST . "model names or directories" "${model_list[@]}"
+sweep_check_match W_BITS_LIST "$SWEEP_POS_INT" "positive integers" "${w_bits_list[@]}"
+sweep_check_match W_GROUP_SIZE_LIST "$SWEEP_GROUP_SIZE" "-1 or positive integers" "${w_group_size_list[@]}"
+# the algorithm names are main.py's (a registry): an unknown one is a logged failure, not a refusal here
+sweep_check_match WEIGHT_ALGO_LIST '^[A-Za-z0-9_-]+$' "algorithm names (main.py --weight_algo: rtn, gptq, awq, ...)" \
+  "${weight_algo_list[@]}"
+sweep_check_choice WQ_DTYPE "int bitmod fp4_e2m1" "$wq_dtype"
+sweep_check_match N_CALIB "$SWEEP_POS_INT" "a positive integer" "$n_calib"
+sweep_check_match CALIB_SEQ_LEN "$SWEEP_POS_INT" "a positive integer" "$calib_seq_len"
+sweep_check_match N_GRID "$SWEEP_POS_INT" "a positive integer" "$n_grid"
+sweep_check_match N_WINDOWS "$SWEEP_POS_INT" "a positive integer" "$n_windows"
+sweep_check_match SEQ_LEN "$SWEEP_POS_INT" "a positive integer" "$seq_len"
 case "$layer_wise" in 0|1) ;; *) echo "LAYER_WISE=$layer_wise: allowed values are 0, 1" >&2; exit 2 ;; esac
 case "$offload" in 0|1) ;; *) echo "OFFLOAD_ACTIVATIONS=$offload: allowed values are 0, 1" >&2; exit 2 ;; esac
 
@@ -51,8 +67,10 @@ algo_flags() {  # algo
 quantize_layer_wise() {  # label out flags...: resume or skip a layer-wise checkpoint, record the outcome
   local label="$1" out="$2"; shift 2
   local log="$SWEEP_LOG_DIR/$(_sweep_log_name "$label").log"
-  if "$SWEEP_PY" -c 'import json, sys; sys.exit(0 if json.load(open(sys.argv[1]))["complete"] else 1)' \
-      "$out/wkvaq_layerwise.json" 2>/dev/null; then
+  # complete and intact (every shard and the index as the run state records them)
+  if [[ -f "$out/wkvaq_layerwise.json" ]] && "$SWEEP_PY" -c 'import sys
+from wkvaq_quant.weights.layerwise import check_complete
+sys.exit(0 if check_complete(sys.argv[1]) is None else 1)' "$out" 2>/dev/null; then
     echo "[sweep] skipped $label (complete: $out)"; SWEEP_OUTCOMES+=("skipped|$label|$out"); return 0
   fi
   echo "[sweep] running $label"

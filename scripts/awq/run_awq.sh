@@ -5,6 +5,7 @@
 # is printed at the end.
 #   bash scripts/awq/run_awq.sh
 set -u
+set -f  # list values are split on spaces, never expanded to file names
 
 model_name_list=(${MODELS:-smollm2-135m})   # registry names, local directories or hub ids
 w_bit_list=(${W_BITS:-4 3})
@@ -23,6 +24,7 @@ python=${PYTHON:-python}
 
 cd "$(dirname "$0")/../.."
 source scripts/awq/common.sh
+awq_check_values
 mkdir -p "$cache_dir" "$log_dir"
 
 search() {  # model w_bit group_size tag

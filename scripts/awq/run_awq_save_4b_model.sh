@@ -5,6 +5,7 @@
 # a summary is printed at the end.
 #   bash scripts/awq/run_awq_save_4b_model.sh
 set -u
+set -f  # list values are split on spaces, never expanded to file names
 
 model_name_list=(${MODELS:-smollm2-135m})
 w_bit_list=(${W_BITS:-4})
@@ -20,6 +21,7 @@ python=${PYTHON:-python}
 
 cd "$(dirname "$0")/../.."
 source scripts/awq/common.sh
+awq_check_values
 mkdir -p "$save_dir" "$log_dir"
 
 save() {  # model w_bit group_size tag

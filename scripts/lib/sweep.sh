@@ -3,7 +3,38 @@
 #   sweep_run LABEL FLAGS...       run `main.py FLAGS...` unless its result is finished;
 #                                  a failure is logged and the sweep goes on
 #   sweep_summary                  print every outcome and the report table; exit status 1 if any failed
-# Environment: PYTHON (interpreter), EXTRA_ARGS (appended to every main.py call).
+#   sweep_check_choice VAR "a b c" VALUE...    refuse (exit 2) unless there is a VALUE and each is a, b or c
+#   sweep_check_match VAR REGEX "what" VALUE... refuse (exit 2) unless there is a VALUE and each matches REGEX
+# Environment: PYTHON (interpreter), EXTRA_ARGS (appended to every main.py call; split on spaces, never
+# globbed). The templates run with `set -f`: a list value such as '*' is never expanded to file names.
+
+SWEEP_POS_INT='^[1-9][0-9]*$'          # positive integers
+SWEEP_GROUP_SIZE='^(-1|[1-9][0-9]*)$'  # -1 (the whole row / axis) or positive integers
+
+_sweep_refuse_value() {  # VAR VALUE ALLOWED
+  local hint=""
+  [[ "$2" == *,* ]] && hint=" (lists are space-separated, not comma-separated)"
+  echo "$1: '$2' is not allowed$hint; allowed: $3" >&2
+  exit 2
+}
+
+sweep_check_choice() {
+  local var="$1" allowed="$2" value word ok; shift 2
+  [[ $# -gt 0 ]] || { echo "$var is empty; allowed: ${allowed// /, }" >&2; exit 2; }
+  for value in "$@"; do
+    ok=0
+    for word in $allowed; do [[ "$value" == "$word" ]] && ok=1; done
+    [[ $ok == 1 ]] || _sweep_refuse_value "$var" "$value" "${allowed// /, }"
+  done
+}
+
+sweep_check_match() {
+  local var="$1" regex="$2" what="$3" value; shift 3
+  [[ $# -gt 0 ]] || { echo "$var is empty; allowed: $what" >&2; exit 2; }
+  for value in "$@"; do
+    [[ "$value" =~ $regex ]] || _sweep_refuse_value "$var" "$value" "$what"
+  done
+}
 
 sweep_init() {
   SWEEP_RESULTS_DIR="$1"
@@ -21,8 +52,8 @@ _sweep_log_name() {  # a file name for a label
 sweep_run() {
   local label="$1"; shift
   local args=("$@" --results_dir "$SWEEP_RESULTS_DIR")
-  # shellcheck disable=SC2206
-  local extra=(${EXTRA_ARGS:-})
+  local extra=()
+  read -r -a extra <<<"${EXTRA_ARGS:-}"  # split on spaces, no file-name expansion
   args+=("${extra[@]}")
   local log="$SWEEP_LOG_DIR/$(_sweep_log_name "$label").log"
   local status

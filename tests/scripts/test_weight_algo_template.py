@@ -50,3 +50,15 @@ def test_layer_wise_sweep_writes_evaluates_skips_and_survives_a_failure(tmp_path
     assert code == 1, out
     assert summary(out) == {("failed", f"{name} W4g16-bogus"), ("skipped", f"{name} W4g16-gptq"),
                             ("skipped", f"{name}-w4-g16-gptq")}
+    # a complete checkpoint with a damaged shard is not skipped: main.py verifies it and redoes the block
+    ckpt = tmp_path / "quantized" / f"{name}-w4-g16-gptq"
+    shard = ckpt / state["shards"]["0"]
+    good = shard.read_bytes()
+    shard.write_bytes(good[:-5])
+    code, out = _template(tiny_llama, tmp_path, isolated_cache, **env)
+    assert code == 1, out
+    assert summary(out) == {("failed", f"{name} W4g16-bogus"), ("done", f"{name} W4g16-gptq"),
+                            ("skipped", f"{name}-w4-g16-gptq")}
+    assert shard.read_bytes() == good
+    log = (tmp_path / "results" / "logs" / f"quantize_{name}_W4g16-gptq.log").read_text()
+    assert f"{shard}: damaged shard of block 0" in log
