@@ -6,16 +6,15 @@ import json
 import sys
 
 from wkvaq_quant.cli import parse_args
-from wkvaq_quant.data import DataUnavailableError
-from wkvaq_quant.eval.ppl import NonFiniteLossError
-from wkvaq_quant.models import UnknownModelError
 from wkvaq_quant.run import format_table, result_status, run, show_plan
+from wkvaq_quant.userfiles import run_cli
 from wkvaq_quant.layerwise_run import run_layer_wise
 
 
 def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_args(argv)
-    try:
+
+    def body() -> int:
         if cfg.show_plan:
             print(show_plan(cfg))
             return 0
@@ -26,12 +25,10 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.layer_wise:
             print(json.dumps(run_layer_wise(cfg), indent=1))
             return 0
-        record = run(cfg)
-    except (ValueError, DataUnavailableError, NonFiniteLossError, UnknownModelError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(format_table(record))
-    return 0
+        print(format_table(run(cfg)))
+        return 0
+
+    return run_cli(body, argv if argv is not None else sys.argv[1:])
 
 
 if __name__ == "__main__":

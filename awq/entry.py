@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 
 from wkvaq_quant.weights.awq.cache import check_cache, check_cache_model, load_cache, save_cache
-from wkvaq_quant.weights.awq.config import AwqConfig
+from wkvaq_quant.weights.awq.config import FLAGS as AWQ_FLAGS, AwqConfig
 from wkvaq_quant.weights.awq.pre_quant import apply_awq, run_awq
 from wkvaq_quant.cli import add_calib_args, explicit_flags
 from wkvaq_quant.config import W_DTYPES
-from wkvaq_quant.data import DataUnavailableError, get_calib_windows, resolve_text_source
-from wkvaq_quant.models import DTYPES, EMBEDDED_MODEL, UnknownModelError, load_model, load_tokenizer
+from wkvaq_quant.data import get_calib_windows, resolve_text_source
+from wkvaq_quant.models import DTYPES, EMBEDDED_MODEL, load_model, load_tokenizer
 from wkvaq_quant.results import atomic_write_json
+from wkvaq_quant.userfiles import run_cli
 from wkvaq_quant.run import DEVICES, prepare_model
 from wkvaq_quant.weights.awq.settings import AWQ_SEARCH_DTYPES, SEARCH_DTYPE_HELP
 from wkvaq_quant.weights.rtn import rtn_quantize
@@ -107,7 +108,8 @@ def run(cfg: AwqConfig, log=print) -> dict:
     """Search and/or apply AWQ per `cfg`; returns a summary (times, peak RSS, paths)."""
     started = time.perf_counter()
     plan = cfg.plan()
-    source, _ = prepare_model(cfg.model, cfg.device, plan, cfg.trust_remote_code, f"--config {cfg.config}")
+    source, _ = prepare_model(cfg.model, cfg.device, plan, cfg.trust_remote_code, f"--config {cfg.config}",
+                              flags=AWQ_FLAGS)
     cache = load_cache(cfg.load_awq) if cfg.load_awq else None
     if cache is not None:
         check_cache_model(cache, source.name, cfg.load_awq)
@@ -147,13 +149,12 @@ def run(cfg: AwqConfig, log=print) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
-    try:
-        summary = run(cfg)
-    except (ValueError, DataUnavailableError, UnknownModelError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=1, default=str))
-    return 0
+
+    def body() -> int:
+        print(json.dumps(run(cfg), indent=1, default=str))
+        return 0
+
+    return run_cli(body, argv if argv is not None else sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["ARCHS", "Arch", "ScaleGroupSpec", "UnsupportedModelError", "arch_for_config", "arch_of",
+__all__ = ["ARCHS", "Arch", "ModelDims", "ScaleGroupSpec", "UnsupportedModelError", "arch_for_config", "arch_of",
            "linear_names", "register_arch", "supported_families"]
 
 
@@ -59,9 +59,13 @@ class Arch:
     pre_rope_key: str
     attention: str = "self_attn"
     mlp: str = "mlp"
+    linear_inputs: tuple[tuple[str, str], ...] = ()
+    """short name -> what its input width is: "hidden", "attention" (heads x head_dim) or "intermediate"."""
 
     def __post_init__(self) -> None:
         names = self.linear_names
+        if sorted(n for n, _ in self.linear_inputs) != sorted(names):
+            raise ValueError(f"Arch {self.name!r}: linear_inputs must give every Linear's input width")
         for group in (*self.sequential, *(g.layers for g in self.scale_groups), self.clip_skip, (self.pre_rope_key,)):
             unknown = [n for n in group if n not in names]
             if unknown:
@@ -73,6 +77,23 @@ class Arch:
 
     def linear_path(self, short: str) -> str:
         return dict(self.linears)[short]
+
+    def dims(self, config: Any) -> ModelDims:
+        """The widths a plan's group sizes are checked against, from a config (object or dict)."""
+        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        text = get("text_config")
+        if text is not None:
+            get = text.get if isinstance(text, dict) else lambda k, d=None: getattr(text, k, d)
+        hidden, heads = get("hidden_size"), get("num_attention_heads")
+        head_dim = get("head_dim") or (hidden // heads if hidden and heads else None)
+        kv_heads = get("num_key_value_heads") or heads
+        widths = {"hidden": hidden, "attention": heads * head_dim if heads and head_dim else None,
+                  "intermediate": get("intermediate_size")}
+        inputs = {short: widths[kind] for short, kind in self.linear_inputs}
+        if not all(isinstance(v, int) and v > 0 for v in (*inputs.values(), head_dim, kv_heads)):
+            raise UnsupportedModelError(f"{self.name}: the config lacks the sizes the checks need (hidden_size, "
+                                        f"num_attention_heads, num_key_value_heads, head_dim, intermediate_size)")
+        return ModelDims(linear_inputs=inputs, head_dim=head_dim, kv_width=kv_heads * head_dim)
 
     def _class(self, suffix: str) -> type:
         module = importlib.import_module(self.modeling)
@@ -119,6 +140,16 @@ class Arch:
                 raise UnsupportedModelError(f"{type(block).__name__}.{path} is {type(lin).__name__}, not a Linear")
             out.append((short, path, lin))
         return out
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """linear_inputs: each Linear's input width by short name; head_dim; kv_width: K / V width per
+    token (KV heads x head_dim)."""
+
+    linear_inputs: dict[str, int]
+    head_dim: int
+    kv_width: int
 
 
 ARCHS: dict[str, Arch] = {}
@@ -170,6 +201,8 @@ def linear_names() -> tuple[str, ...]:
 _LLAMA_LINEARS = (("q_proj", "self_attn.q_proj"), ("k_proj", "self_attn.k_proj"), ("v_proj", "self_attn.v_proj"),
                   ("o_proj", "self_attn.o_proj"), ("gate_proj", "mlp.gate_proj"), ("up_proj", "mlp.up_proj"),
                   ("down_proj", "mlp.down_proj"))
+_LLAMA_INPUTS = (("q_proj", "hidden"), ("k_proj", "hidden"), ("v_proj", "hidden"), ("o_proj", "attention"),
+                 ("gate_proj", "hidden"), ("up_proj", "hidden"), ("down_proj", "intermediate"))
 _LLAMA_SEQUENTIAL = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 # v_proj -> o_proj only where v_proj's output width equals o_proj's input width (not with GQA):
 # weights/awq/structure.py drops a Linear-fed group whose widths differ, for any family
@@ -185,4 +218,4 @@ for _name, _types, _module, _prefix in (
         ("mistral", ("mistral",), "transformers.models.mistral.modeling_mistral", "Mistral")):
     register_arch(Arch(name=_name, model_types=_types, modeling=_module, prefix=_prefix, linears=_LLAMA_LINEARS,
                        sequential=_LLAMA_SEQUENTIAL, scale_groups=_LLAMA_SCALE_GROUPS, clip_skip=("q_proj", "k_proj"),
-                       pre_rope_key="k_proj"))
+                       pre_rope_key="k_proj", linear_inputs=_LLAMA_INPUTS))

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from . import hub
+from .userfiles import UserError
 
 __all__ = [
     "EVAL_DATASETS",
@@ -50,7 +51,7 @@ _GENSIM_WIKI = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p0000
 CALIB_EVERY = 5
 
 
-class DataUnavailableError(RuntimeError):
+class DataUnavailableError(UserError):
     """A requested corpus has no local copy and the hub cannot be reached."""
 
 

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import yaml
 
 from wkvaq_quant.config import A_DTYPES, FULL_PRECISION_BITS, LINEAR_NAMES, W_DTYPES, FieldError, QuantArgs
+from wkvaq_quant.userfiles import reading, short
 from wkvaq_quant.plan import FLAGS, LayerMap, LayerTarget, MixSetting, QuantPlan, structure_error
 
 __all__ = [
@@ -68,13 +69,45 @@ def _is_int(v: Any) -> bool:
 # ---------------------------------------------------------------------------------------
 
 
+MAX_YAML_BYTES = 64 * 1024
+"""Largest --config file read (an llmc config is a few KB)."""
+MAX_YAML_DEPTH = 20
+"""Deepest nesting of mappings / lists (llmc's `quant:` section nests 5 levels)."""
+MAX_YAML_ALIASES = 16
+"""Most `*alias` references in one file (a YAML alias bomb needs many to blow up)."""
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, but a key repeated in one mapping is an error (not "last wins")."""
+    """PyYAML's safe loader, but a key repeated in one mapping is an error (not "last wins"), and the
+    nesting depth and the number of aliases are limited, so a bomb is refused while composing."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._aliases = 0
+
+    def compose_node(self, parent, index):  # noqa: ANN001, ANN201 (PyYAML's signature)
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_YAML_ALIASES:
+                raise ValueError(f"more than {MAX_YAML_ALIASES} aliases (*name); allowed: at most {MAX_YAML_ALIASES}")
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise ValueError(f"nested deeper than {MAX_YAML_DEPTH} levels (line {mark.line + 1}); allowed: at most "
+                                 f"{MAX_YAML_DEPTH}")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: set = set()
     for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise ValueError(f"a mapping key must be a plain value, not a {key_node.id} (line "
+                             f"{key_node.start_mark.line + 1})")
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise ValueError(f"key {key!r} appears twice in one mapping (line {key_node.start_mark.line + 1})")
@@ -265,8 +298,12 @@ def load_quant_config(path: str | Path) -> LlmcQuant:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"--config {path}: no such file")
-    try:
-        data = yaml.load(p.read_text(), Loader=_StrictLoader)
-    except (yaml.YAMLError, ValueError) as err:
-        raise ValueError(f"--config {path}: not valid YAML: {err}") from None
-    return parse_quant_config(data, str(path))
+    if p.stat().st_size > MAX_YAML_BYTES:
+        raise ValueError(f"--config {path}: {p.stat().st_size} bytes; allowed: at most {MAX_YAML_BYTES} "
+                         f"(an llmc quant config is a few KB)")
+    with reading(path, "--config"):
+        try:
+            data = yaml.load(p.read_bytes().decode("utf-8"), Loader=_StrictLoader)
+        except (yaml.YAMLError, ValueError) as err:
+            raise ValueError(f"--config {path}: not valid YAML: {short(err)}") from None
+        return parse_quant_config(data, str(path))

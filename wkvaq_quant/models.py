@@ -16,6 +16,7 @@ import torch
 
 from . import hub
 from .arch import Arch, arch_for_config
+from .userfiles import reading, short
 
 __all__ = [
     "MODEL_REGISTRY",
@@ -30,6 +31,7 @@ __all__ = [
     "ensure_embedded_model",
     "load_tokenizer",
     "load_model",
+    "model_config_dict",
     "model_depth",
     "DTYPES",
 ]
@@ -150,6 +152,7 @@ def check_model_available(source: ModelSource) -> ModelSource:
         return source
     if source.kind == "local":
         check_model_family(source, Path(source.path) / "config.json")
+        check_local_weights(source)
         return source
     if hub.hub_reachable():
         from huggingface_hub import hf_hub_download
@@ -175,10 +178,31 @@ def check_model_family(source: ModelSource, config_file: Path) -> Arch:
     try:
         config = json.loads(config_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UnknownModelError(f"--model {source.name!r}: cannot read {config_file} as JSON ({err})") from None
+        raise UnknownModelError(f"--model {source.name!r}: cannot read {config_file} as JSON ({short(err)})") from None
     if not isinstance(config, dict):
         raise UnknownModelError(f"--model {source.name!r}: {config_file} is not a JSON object")
     return arch_for_config(config, f"--model {source.name!r} ({config_file})")
+
+
+def check_local_weights(source: ModelSource) -> None:
+    """A local checkpoint holds weights transformers will read: safetensors shards whose headers match
+    their sizes, or torch files that load with weights_only (a pickled .bin with code in it is refused here, naming the file, not after the
+    loading has begun)."""
+    d = Path(source.path)
+    shards = sorted(d.glob("*.safetensors"))
+    if shards:  # headers only: a truncated or foreign shard is refused before anything is read
+        from .weights.safetensors_io import check_shard
+
+        for f in shards:
+            with reading(f, "--model"):
+                check_shard(f)
+        return
+    bins = sorted(d.glob("*.bin"))
+    if not bins:
+        raise UnknownModelError(f"--model {source.name!r}: {d} has no weights (*.safetensors or *.bin)")
+    from .modeling.checkpoint import check_torch_files
+
+    check_torch_files(bins, "--model")
 
 
 def _embedded_gguf() -> Path:
@@ -280,6 +304,24 @@ def load_model(
     )
     model.to(device).eval()
     return model, time.perf_counter() - start
+
+
+def model_config_dict(source: ModelSource) -> dict:
+    """The checkpoint's config.json as a dict, without loading weights (the embedded model is
+    converted first, once)."""
+    if source.kind == "embedded":
+        path = ensure_embedded_model() / "config.json"
+    elif source.kind == "local":
+        path = Path(source.path) / "config.json"
+    else:
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(source.path, "config.json", local_files_only=source.local_files_only))
+    with reading(path, "--model"):
+        config = json.loads(path.read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+        return config
 
 
 def model_depth(source: ModelSource, trust_remote_code: bool = False) -> int:

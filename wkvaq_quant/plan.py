@@ -394,6 +394,39 @@ class QuantPlan:
         v = self.v if v_set is None else self.v.replace(bits=v_set.v_bits)
         return dataclasses.replace(self, k=k, v=v, layers=None)
 
+    def check_dims(self, dims: Any, seq_len: int | None = None) -> None:
+        """Refuse (before any weight loads) group sizes larger than what they group, which would run
+        per row under a `g<size>` name, and a residual that keeps every token of a `seq_len` window in
+        full precision, so the K / V settings would quantize nothing. `dims`: arch.ModelDims."""
+        blocks = self.layers.blocks_named() if self.layers is not None else [GENERIC_BLOCK]
+        for block in blocks:
+            for short, width in dims.linear_inputs.items():
+                for part, args in zip(("w", "a"), self.linear_args(block, short)):
+                    if not (args.enabled and args.group_size > width):
+                        continue
+                    why = f"larger than the {width} input channels of {short}"
+                    if args == getattr(self, part):
+                        raise _plan_err(f"{part}.group_size", args.group_size, why, f"-1 or 1..{width}")
+                    setting = self.layers.linear_setting(block, short)
+                    raise ValueError(f"mix_bits setting {setting.name!r}: {'weight' if part == 'w' else 'act'}."
+                                     f"group_size={args.group_size}: {why}; allowed: -1 or 1..{width}")
+        plans = self._attention_plans() if self.layers is not None and self.layers.has_kv else [self]
+        k_on, v_on = any(p.k.enabled for p in plans), any(p.v.enabled for p in plans)
+        k_per_token = self.k.granularity == "per_token"
+        checks = [("q", self.q.enabled, self.q.group_size, dims.head_dim, "head_dim"),
+                  ("k", k_on and k_per_token, self.k.group_size, dims.kv_width, "the K width (KV heads x head_dim)"),
+                  ("v", v_on, self.v.group_size, dims.kv_width, "the V width (KV heads x head_dim)")]
+        if seq_len is not None:
+            checks.append(("k", k_on and not k_per_token, self.k.group_size, seq_len, "the tokens of a window "
+                           "(KCVT groups tokens)"))
+        for part, on, group, width, what in checks:
+            if on and group > width:
+                raise _plan_err(f"{part}.group_size", group, f"larger than {what} ({width})", f"-1 or 1..{width}")
+        if seq_len is not None and (k_on or v_on) and self.kv.residual_len >= seq_len:
+            raise _plan_err("kv.residual_len", self.kv.residual_len,
+                            f"keeps all {seq_len} tokens of a window in full precision, so K / V quantize nothing",
+                            f"0..{seq_len - 1}")
+
     def _attention_plans(self) -> list[QuantPlan]:
         """One plan per distinct attention setting among the blocks (needs a KV map)."""
         return [self.block_plan(b) for b in self.layers.blocks_named()]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .plan import QuantPlan
+from .plan import FLAGS, QuantPlan
 from .data import EVAL_DATASETS, check_datasets, get_calib_windows, get_eval_windows, resolve_text_source
 from .eval.lm_eval import LMEvalSettings, check_chat_template, evaluate_tasks, load_task_manager
 from .eval.ppl import evaluate_perplexity
@@ -18,9 +18,13 @@ from .layer_bits import layer_bits_table
 from .modeling import attach
 from .modeling.attach import decoder_blocks
 from .modeling.checkpoint import check_checkpoint, load_checkpoint_weights
-from .models import DTYPES, ModelSource, check_model_available, load_model, load_tokenizer, model_depth, resolve_model
+from .arch import arch_for_config
+from .config import FieldError
+from .models import (DTYPES, ModelSource, check_model_available, load_model, load_tokenizer, model_config_dict,
+                     model_depth, resolve_model)
 from .plan_table import format_plan
-from .results import atomic_write_json, environment_versions, now_iso, read_result, result_path
+from .results import (check_writable, clean_stale_tmp, environment_versions, now_iso, read_result, result_path,
+                      write_result)
 from .weights.algo import WeightAlgo, quantizes_weights, run_weight_algo
 from .weights.registry import method_to_algo
 
@@ -131,10 +135,13 @@ def check_device(device: str) -> None:
 
 
 def prepare_model(model: str, device: str, plan: QuantPlan, trust_remote_code: bool = False,
-                  what: str = "--config") -> tuple[ModelSource, int | None]:
+                  what: str = "--config", seq_len: int | None = None,
+                  flags: dict[str, str] | None = None) -> tuple[ModelSource, int | None]:
     """The checks every entry point (evaluation, layer-wise writing, awq.entry) makes before any weight
     is read: the model resolves and is available, its family has an architecture entry, the device
-    exists, and a per-layer map fits the model's depth. Returns (source, depth; None without a map)."""
+    exists, a per-layer map fits the model's depth, and the plan's group sizes (and the residual,
+    with the window length `seq_len`) fit the model's widths. Returns (source, depth; None without a
+    map). `flags`: the entry point's own names of plan fields (plan.FLAGS by default)."""
     source = check_model_available(resolve_model(model))
     check_device(device)
     depth = None
@@ -144,7 +151,24 @@ def prepare_model(model: str, device: str, plan: QuantPlan, trust_remote_code: b
             plan.layers.check_depth(depth)
         except ValueError as err:
             raise ValueError(f"{what} on --model {model}: {err}") from None
+    if not plan.is_full_precision:
+        config = model_config_dict(source)
+        try:
+            plan.check_dims(arch_for_config(config, f"--model {model}").dims(config), seq_len)
+        except FieldError as err:
+            raise err.for_flags({**FLAGS, **(flags or {})}) from None
     return source, depth
+
+
+def check_attn_implementation(name: str, device: str) -> None:
+    """flash_attention_2 needs the flash-attn package and CUDA: refused before the model loads."""
+    if name != "flash_attention_2":
+        return
+    import importlib.util
+
+    if device != "cuda" or importlib.util.find_spec("flash_attn") is None:
+        raise ValueError("--attn_implementation flash_attention_2 needs --device cuda and the flash-attn package "
+                         "(pip install -r requirements-gpu.txt); allowed here: sdpa, eager")
 
 
 def show_plan(cfg: RunConfig) -> str:
@@ -171,13 +195,17 @@ def run(cfg: RunConfig, log=print) -> dict:
     before the model is loaded, so bad input fails in seconds.
     """
     started = time.perf_counter()
-    source, _ = prepare_model(cfg.model, cfg.device, cfg.plan, cfg.trust_remote_code, f"--config {cfg.config_file}")
+    source, _ = prepare_model(cfg.model, cfg.device, cfg.plan, cfg.trust_remote_code, f"--config {cfg.config_file}",
+                              seq_len=cfg.seq_len if cfg.datasets else None)
+    check_attn_implementation(cfg.attn_implementation, cfg.device)
     if cfg.awq_model_path_lp:
         check_checkpoint(cfg.awq_model_path_lp)
     text_sources = check_datasets(cfg.datasets, cfg.data_dir) if cfg.datasets else {}
     algo = cfg.weight_algo
     calib_source = resolve_text_source(algo.calib.dataset, "calib", cfg.data_dir) if algo.needs_calib else None
     path = result_path(cfg.results_dir, source.name, cfg.slug())
+    check_writable(path.parent)  # before any work: a finished evaluation must have somewhere to go
+    clean_stale_tmp(path)
     record = None if cfg.overwrite else read_result(path)
     done = set(record["results"]) | set(record.get("tasks", {})) if record else set()
     todo = [d for d in cfg.datasets if d not in done]
@@ -241,19 +269,19 @@ def run(cfg: RunConfig, log=print) -> dict:
             record["weight_algo_s"] = algo_s
         record.update(updated=now_iso(), model_load_s=load_s, versions=environment_versions(),
                       device=_device_name(cfg.device), peak_rss_mb=_peak_rss_mb())
-        atomic_write_json(path, record)  # after every dataset: finished work is never lost
         log(f"[wkvaq] {name}: ppl {res.ppl:.4f} over {res.windows} windows x {res.seq_len} tokens "
-            f"({res.tokens_per_second:.0f} tok/s)")
+            f"({res.tokens_per_second:.0f} tok/s)")  # said before the write: a failed write loses nothing
+        write_result(path, record)  # after every dataset: finished work is never lost
     if task_todo:
         scores, _ = evaluate_tasks(model, tokenizer, cfg.lm_eval, task_todo, task_manager, max_length=cfg.seq_len)
         record.setdefault("tasks", {}).update(scores)
         record.update(updated=now_iso(), model_load_s=load_s, versions=environment_versions(),
                       device=_device_name(cfg.device), peak_rss_mb=_peak_rss_mb())
-        atomic_write_json(path, record)
         for key, entry in scores.items():
             log(f"[wkvaq] {key}: {entry['primary']} {entry['metrics'][entry['primary']]:.4f}")
+        write_result(path, record)
     record["total_s"] = time.perf_counter() - started
-    atomic_write_json(path, record)
+    write_result(path, record)
     log(f"[wkvaq] wrote {path}")
     return record
 

@@ -14,11 +14,12 @@ from dataclasses import dataclass, asdict
 
 import torch
 from tqdm.auto import tqdm
+from ..userfiles import UserError
 
 __all__ = ["PerplexityResult", "NonFiniteLossError", "evaluate_perplexity"]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError):
     """The model produced NaN or Inf loss: reported as an error, never as a number."""
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .plots import plot_kv_bits, plot_layer_heatmap
+from ..userfiles import run_cli
 from .table import build_table, format_csv, format_markdown, load_records
 
 FORMATS = {"md": format_markdown, "csv": format_csv}
@@ -21,6 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot_dataset", default=None, help="dataset of the --plot (default: first by name)")
     p.add_argument("--heatmap", default=None, help="write the block x layer bit heatmap of mix_bits runs to this PNG")
     args = p.parse_args(argv)
+    for flag, out in (("--plot", args.plot), ("--heatmap", args.heatmap)):  # before any work
+        if out and not Path(out).resolve().parent.is_dir():
+            print(f"error: {flag} {out}: the directory {Path(out).resolve().parent} does not exist", file=sys.stderr)
+            return 2
+    return run_cli(lambda: _report(args), argv)
+
+
+def _report(args: argparse.Namespace) -> int:
     try:
         records = load_records(args.results_dir)
     except FileNotFoundError as err:

@@ -35,9 +35,33 @@ def load_records(root: str | Path, warn=lambda msg: print(msg, file=sys.stderr))
         if not isinstance(rec, dict) or not {"model", "config", "slug"} <= rec.keys():
             warn(f"[report] skipping {path}: not a wkvaq result file")
             continue
+        why = _field_problem(rec)
+        if why:
+            warn(f"[report] skipping {path}: {why}")
+            continue
         rec["_path"] = str(path)
         records.append(rec)
     return records
+
+
+def _field_problem(rec: dict) -> str | None:
+    """A field of a result record whose type the report cannot use (None when all are fine)."""
+    def num(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    model, config, results = rec["model"], rec["config"], rec.get("results", {})
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str):
+        return "model.name is not a string"
+    if not isinstance(config, dict) or not isinstance(config.get("dtype"), str) or not num(config.get("seq_len")) \
+            or not (config.get("n_windows") is None or num(config.get("n_windows"))):
+        return "config.dtype / seq_len / n_windows have the wrong types"
+    if not isinstance(rec["slug"], str):
+        return "slug is not a string"
+    if not isinstance(results, dict) or not all(isinstance(r, dict) and num(r.get("ppl")) for r in results.values()):
+        return "results is not a mapping of datasets to records with a numeric ppl"
+    if not isinstance(rec.get("tasks", {}), dict):
+        return "tasks is not a mapping"
+    return None
 
 
 def protocol_of(record: dict) -> str:

@@ -74,10 +74,37 @@ def load_cache(path: str | os.PathLike) -> dict:
         raise ValueError(f"--load_awq {str(path)!r}: not a readable AWQ cache ({type(err).__name__}: {err})") from None
     if not isinstance(cache, dict) or not {"scale", "clip", "meta"} <= set(cache):
         raise ValueError(f"--load_awq {str(path)!r}: not an AWQ cache (expected keys scale, clip, meta)")
+    if not isinstance(cache["meta"], dict):
+        raise ValueError(f"--load_awq {str(path)!r}: not an AWQ cache (its meta is a {type(cache['meta']).__name__}, "
+                         f"not a mapping)")
     if cache["meta"].get("version") != CACHE_VERSION:
         raise ValueError(f"--load_awq {str(path)!r}: cache version {cache['meta'].get('version')!r}, "
                          f"this version reads {CACHE_VERSION}; rerun --run_awq")
+    why = _structure_problem(cache)
+    if why:
+        raise ValueError(f"--load_awq {str(path)!r}: not an AWQ cache of this version ({why}); rerun --run_awq")
     return cache
+
+
+def _structure_problem(cache: dict) -> str | None:
+    """What is wrong with the layout of a cache of the current version (None when nothing)."""
+    meta = cache["meta"]
+    for key, typ in (("model", str), ("shapes", dict), ("layers", dict), ("format", dict)):
+        if not isinstance(meta.get(key), typ):
+            return f"meta.{key} is not a {typ.__name__}"
+    if not {"dtype", "bits", "group_size", "double_quant"} <= set(meta["format"]):
+        return "meta.format lacks dtype / bits / group_size / double_quant"
+    if not isinstance(cache["scale"], dict) or not isinstance(cache["clip"], dict):
+        return "scale / clip are not mappings"
+    for name, e in cache["scale"].items():
+        if not (isinstance(e, dict) and isinstance(e.get("layers"), list) and all(isinstance(n, str) for n in e["layers"])
+                and isinstance(e.get("scales"), torch.Tensor)):
+            return f"scale entry {name!r} lacks its layers / scales"
+    for name, e in cache["clip"].items():
+        if not (isinstance(e, dict) and isinstance(e.get("max_val"), torch.Tensor)
+                and isinstance(e.get("group_size"), int)):
+            return f"clip entry {name!r} lacks its max_val / group_size"
+    return None
 
 
 def check_cache_model(cache: dict, model_id: str, path: str = "cache") -> None:
