@@ -102,6 +102,33 @@ def perplexity_table(args: argparse.Namespace) -> list[str]:
     return ["| setting | flags | ppl | vs FP | previous defaults |", "|---|---|---:|---:|---:|", *rows]
 
 
+SECTION_DEFAULTS = "## P3-LLM's KV defaults against the previous ones (bench/modeling.py --part defaults)"
+
+
+def defaults_table(args: argparse.Namespace) -> list[str]:
+    """The KV rows with the current (P3-LLM's) defaults next to the numbers this benchmark recorded
+    with the previous defaults (the modeling section); the first row's previous number is also
+    re-run now with PREVIOUS, to show the recorded numbers are what those flags compute."""
+    fp = _ppl("", args)["results"]["wiki_sample"]["ppl"]
+    rows, checked = [], None
+    for label, flags in SETTINGS:
+        if "--k_bits" not in flags:
+            continue
+        now = _ppl(flags, args)["results"]["wiki_sample"]["ppl"]
+        before = _recorded(label)
+        if checked is None and "--kv_residual_len" not in flags:
+            checked = (label, before, _ppl(f"{flags} {PREVIOUS}", args)["results"]["wiki_sample"]["ppl"])
+        delta = f"{now - float(before):+.3f}" if before != "-" else "-"
+        rows.append(f"| {label} | `{flags}` | {now:.3f} | {now - fp:+.3f} | {before} | {delta} |")
+        print(rows[-1], flush=True)
+    lines = ["| setting | flags | ppl (P3-LLM's defaults) | vs FP | ppl (previous defaults, recorded) | change |",
+             "|---|---|---:|---:|---:|---:|", *rows, ""]
+    if checked:
+        lines.append(f"Check: `{checked[0]}` with `{PREVIOUS}` re-run now gives {checked[2]:.3f} "
+                     f"(recorded: {checked[1]}).")
+    return lines
+
+
 def forward_times(args: argparse.Namespace) -> list[str]:
     import torch
 
@@ -196,7 +223,9 @@ def fold_saturation(args: argparse.Namespace) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("all", "ppl", "time", "fold"), default="all")
+    p.add_argument("--part", choices=("all", "ppl", "time", "fold", "defaults"), default="all",
+                   help="defaults: the KV rows with P3-LLM's defaults next to the recorded previous ones, and the "
+                        "timing, into their own section")
     p.add_argument("--n_windows", type=int, default=8)
     p.add_argument("--rounds", type=int, default=5, help="interleaved FP / quantized rounds for the timing")
     p.add_argument("--threads", type=int, default=1,
@@ -206,6 +235,27 @@ def main() -> None:
     args = p.parse_args()
 
     import torch
+
+    if args.part == "defaults":
+        text = "\n".join([
+            SECTION_DEFAULTS, "",
+            f"Command: `python bench/modeling.py --part defaults --n_windows {args.n_windows} --rounds {args.rounds} "
+            f"--threads {args.threads} --write` ({platform.machine()}, {os.cpu_count()} CPUs, torch "
+            f"{torch.__version__}).", "",
+            f"Perplexity on the first {args.n_windows} wiki_sample windows x 2048 tokens, FP32. Since 0.2.0 the KV "
+            f"defaults are P3-LLM's: KTVT keys and values with the integer zero point, `--kv_residual_len 1` with "
+            f"KTVT, and against residual tokens the query and P in full precision. 'previous' is the number the "
+            f"modeling section recorded with the defaults before (`{PREVIOUS}`; the KCVT row's own r32 then "
+            f"quantized the query and P against the residual tokens).", "",
+            *defaults_table(args), "",
+            f"Forward time with the new defaults (W4A8KV4 with Q8 and residual 1 now runs the blocked eager "
+            f"attention: against the residual token the query stays full precision), FP vs quantized interleaved "
+            f"for {args.rounds} rounds in one process (median), one window of 2048 tokens, FP32, {args.threads} "
+            f"torch thread(s), process CPU time:", "", *forward_times(args), ""])
+        print(text)
+        if args.write:
+            write_section(SECTION_DEFAULTS, text)
+        return
 
     lines = [SECTION, "",
              f"Command: `python bench/modeling.py --n_windows {args.n_windows} --rounds {args.rounds} "
