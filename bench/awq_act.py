@@ -7,8 +7,7 @@ and RTN, on the same windows and calibration draw.
 Settings: the shipped W4A4 mix_bits configs 3 and 4 (configs/w4a4_down_proj_w8a8.yml and
 configs/w4a4_mixed_everything.yml) with `method: RTN` replaced by `Awq` (for the AWQ rows: a copy
 written into the results directory; config 4 names blocks up to 27, all within the embedded
-model's 30, so nothing is removed), and two flag settings, W8A8 (INT per channel / INT per token)
-and W4 g128 A8 (FP8 E4M3 per token). Every row is one `main.py` run into --results_dir
+model's 30, so nothing is removed), and W8A8 from flags (INT per channel / INT per token). Every row is one `main.py` run into --results_dir
 (resumable).
 """
 
@@ -27,7 +26,6 @@ SETTINGS = {  # label -> (flags, YAML config or None)
     "config 3: W4A4, down_proj W8A8": ([], "w4a4_down_proj_w8a8.yml"),
     "config 4: W4A4 mixed": ([], "w4a4_mixed_everything.yml"),
     "W8A8 INT (per channel / per token)": (["--w_bits", "8", "--a_bits", "8", "--a_dtype", "int"], None),
-    "W4 g128 A8 FP8": (["--w_bits", "4", "--w_group_size", "128", "--a_bits", "8"], None),
 }
 METHODS = {"RTN": [], "AWQ weight-only search": ["--weight_algo", "awq", "--awq_weight_only_search"],
            "AWQ activation-aware search": ["--weight_algo", "awq"]}

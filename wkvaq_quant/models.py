@@ -242,6 +242,7 @@ def ensure_embedded_model(verbose: bool = True) -> Path:
 
     target = cache_dir() / "models" / EMBEDDED_MODEL
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        _user_modes(target)
         return target
     gguf = _embedded_gguf()
     if verbose:
@@ -260,6 +261,7 @@ def ensure_embedded_model(verbose: bool = True) -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         check_tokenizer_roundtrip(tok, AutoTokenizer.from_pretrained(tmp))
+        _user_modes(tmp)
         if target.exists():  # a concurrent conversion finished first
             shutil.rmtree(tmp)
         else:
@@ -267,6 +269,20 @@ def ensure_embedded_model(verbose: bool = True) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _user_modes(directory: Path) -> None:
+    """Give the files of a checkpoint we wrote the user's umask mode (transformers writes
+    model.safetensors with 0600); files of other owners are left alone."""
+    from .results import file_mode
+
+    mode = file_mode()
+    for f in directory.iterdir():
+        try:
+            if f.is_file() and f.stat().st_uid == os.getuid() and f.stat().st_mode & 0o777 != mode:
+                f.chmod(mode)
+        except OSError:
+            continue
 
 
 def _pretrained_path(source: ModelSource) -> str:
