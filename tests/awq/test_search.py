@@ -248,6 +248,20 @@ def _scale_losses_reference(block, group, feats, args, n_grid, a_args=None):
     return losses
 
 
+def _outlier_mha():
+    """A one-block Llama without GQA (every scale group searched) whose input_layernorm has two
+    outlier channels: (model, its block)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    mha = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=4, head_dim=16)).eval()
+    block = mha.model.layers[0]
+    with torch.no_grad():
+        block.input_layernorm.weight[list(OUTLIERS[:2])] *= 30.0
+    return mha, block
+
+
 @pytest.mark.parametrize("n_calib,seq,search_dtype,copy_outputs",
                          [(2, 16, None, False), (8, 64, None, False), (2, 16, torch.bfloat16, False),
                           (8, 64, torch.bfloat16, False), (2, 16, torch.bfloat16, True)],
@@ -260,17 +274,10 @@ def test_scale_search_losses_equal_an_explicit_reference(n_calib, seq, search_dt
     both when attention / MLP return o_proj's / down_proj's output itself (the loss from that
     Linear's output change alone) and when they return a new tensor (here it plus 1: output minus
     reference)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from wkvaq_quant.weights.awq.auto_scale import _LinearError, _same_tensors, search_scale
     from wkvaq_quant.weights.awq.features import collect_features
 
-    torch.manual_seed(0)
-    mha = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                       num_attention_heads=4, num_key_value_heads=4, head_dim=16)).eval()
-    block = mha.model.layers[0]
-    with torch.no_grad():
-        block.input_layernorm.weight[list(OUTLIERS[:2])] *= 30.0
+    mha, block = _outlier_mha()
     inputs = capture_block_inputs(mha, calib_ids(n_calib, seq), batch_size=2)
     if copy_outputs:  # the modules return new tensors (the float64 reference copies the hooks)
         for m in (block.self_attn, block.mlp):
@@ -358,17 +365,10 @@ def test_activation_aware_scale_search_equals_an_explicit_reference(a_dtype, a_b
     """llmc's Awq with an act section: with the inputs quantized, every group's loss per alpha equals
     an explicit float64 forward whose group Linears see Q_a(x / s), and it differs from the
     weight-only search's losses."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from wkvaq_quant.weights.awq.auto_scale import search_scale
     from wkvaq_quant.weights.awq.features import collect_features
 
-    torch.manual_seed(0)
-    mha = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                       num_attention_heads=4, num_key_value_heads=4, head_dim=16)).eval()
-    block = mha.model.layers[0]
-    with torch.no_grad():
-        block.input_layernorm.weight[list(OUTLIERS[:2])] *= 30.0
+    mha, block = _outlier_mha()
     inputs = capture_block_inputs(mha, calib_ids(2, 16), batch_size=2)
     lins = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
     feats = collect_features(block, inputs, "cpu", lins, ["self_attn", "mlp"])
