@@ -116,7 +116,16 @@ class Arch:
         return self._class("Attention")
 
     def matches(self, module: nn.Module) -> bool:
-        return isinstance(module, (self.pretrained_class, self.decoder_layer_class))
+        return isinstance(module, (self.pretrained_class, self.decoder_layer_class, self.attention_class))
+
+    @property
+    def eager_attention(self):  # noqa: ANN201 (transformers' function)
+        """The family's own eager attention function (transformers' `eager_attention_forward`)."""
+        fn = getattr(importlib.import_module(self.modeling), "eager_attention_forward", None)
+        if fn is None:
+            raise RuntimeError(f"{self.modeling} has no eager_attention_forward: this transformers version is not "
+                               f"supported for {self.name}; use the versions in constraints.txt")
+        return fn
 
     def decoder_blocks(self, model: nn.Module) -> list[nn.Module]:
         """The decoder blocks in order (by their attention's `layer_idx`)."""
@@ -169,7 +178,8 @@ def supported_families() -> str:
 
 
 def arch_of(module: nn.Module) -> Arch:
-    """The entry of a model (any `PreTrainedModel` of the family) or of one of its decoder blocks."""
+    """The entry of a model (any `PreTrainedModel` of the family), one of its decoder blocks or attention
+    modules."""
     for arch in ARCHS.values():
         if arch.matches(module):
             return arch

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from wkvaq_quant.arch import arch_of
 from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.modeling.kv import heads_to_tokens, key_stats, quantize_keys, quantize_query, quantize_values, tokens_to_heads
 from wkvaq_quant.quantize import fake_quantize
@@ -245,11 +246,9 @@ def wkvaq_eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
     the module's Q / K / V / P quantization; see EAGER_BLOCK_ROWS."""
     state: LayerState | None = getattr(module, STATE_ATTR, None)
     plan = state.plan if state is not None else None
-    if plan is None or not plan.quantizes_attention:  # nothing to quantize: transformers' own eager math
-        from transformers.models.llama.modeling_llama import eager_attention_forward
-
-        return eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                       **kwargs)
+    if plan is None or not plan.quantizes_attention:  # nothing to quantize: the family's own eager math
+        return arch_of(module).eager_attention(module, query, key, value, attention_mask, scaling=scaling,
+                                               dropout=dropout, **kwargs)
     if plan.kv.residual_len and not (plan.kv.post_attn and state.prefill):
         state.check_call(query, key)
         return _residual_attention(module, state, query, key, value, attention_mask, scaling, dropout)
