@@ -440,10 +440,12 @@ class QuantPlan:
     # -- convenience --------------------------------------------------------------------
     @property
     def needs_eager(self) -> bool:
-        """True when the attention must run eagerly in some block (quantized P, a per-query residual)."""
+        """True when the attention must run eagerly in some block: quantized P, a per-query residual,
+        or a quantized query with residual tokens (against them the query stays full precision)."""
         if self.layers is not None and self.layers.has_kv:  # block plans carry no map
             return any(p.needs_eager for p in self._attention_plans())
-        return self.p.enabled or (self.kv.per_query_residual and (self.k.enabled or self.v.enabled))
+        return self.p.enabled or (self.kv.per_query_residual and (self.k.enabled or self.v.enabled)) \
+            or (self.kv.residual_len > 0 and self.q.enabled)
 
     @property
     def quantizes_attention(self) -> bool:

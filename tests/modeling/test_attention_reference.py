@@ -262,18 +262,3 @@ def test_ktvt_integer_zero_point_against_a_slow_loop(bits):
                     want = (min(max(round(v / sc) + z, 0), qmax) - z) * sc
                     assert abs(got[b, t, c].item() - want) < 1e-5
     torch.testing.assert_close(fake_quantize(x, plan.v), got)
-
-
-def test_a_quantized_query_with_residual_tokens_stays_on_sdpa(tiny_models, input_ids):
-    """P3-LLM's residual rule needs no eager attention for Q8: one SDPA call on [Q_q, Q] against
-    [K_q, 0] / [0, K] gives the eager path's logits."""
-    from wkvaq_quant.modeling.attention import SDPA
-
-    plan = F(k_bits=4, v_bits=4, q_bits=8, kv_residual_len=3, k_quant_post_rope=True, apply_k_scale=True)
-    assert not plan.needs_eager
-    sdpa, eager = tiny_models("llama", "sdpa"), tiny_models("llama", "eager")
-    attach(sdpa, plan)
-    attach(eager, plan)
-    assert sdpa.config._attn_implementation == SDPA
-    with torch.no_grad():
-        torch.testing.assert_close(sdpa(input_ids).logits, eager(input_ids).logits, rtol=0, atol=ATOL)

@@ -103,23 +103,10 @@ def quantize_qkv(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
 
 def wkvaq_sdpa_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                          attention_mask: Tensor | None, **kwargs) -> tuple[Tensor, None]:
-    """transformers' SDPA on the quantized Q / K / V. With residual tokens and a quantized query, the
-    residual keys must meet the full-precision query (P3-LLM): one SDPA call on [Q_q, Q] (2 x head_dim)
-    against [K_q, 0] for the old keys and [0, K] for the last R, so S = Q_q.K_q^T there and Q.K^T on
-    the residual, with the scale of head_dim (`scaling`)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    state: LayerState | None = getattr(module, STATE_ATTR, None)
-    query_q, key_q, value, _, _ = quantize_qkv(module, query, key, value)
-    plan = state.plan if state is not None else None
-    if plan is None or not (plan.q.enabled and plan.kv.residual_len) or (plan.kv.post_attn and state.prefill):
-        return sdpa_attention_forward(module, query_q, key_q, value, attention_mask, **kwargs)
-    c = max(key.shape[2] - plan.kv.residual_len, 0)  # keys c.. are the residual
-    k_old, k_rec = key_q[:, :, :c], key[:, :, c:]
-    key2 = torch.cat([torch.cat([k_old, torch.zeros_like(k_old)], dim=-1),
-                      torch.cat([torch.zeros_like(k_rec), k_rec], dim=-1)], dim=2)
-    kwargs["scaling"] = kwargs.get("scaling") or module.scaling  # of head_dim, not of the doubled width
-    return sdpa_attention_forward(module, torch.cat([query_q, query], dim=-1), key2, value, attention_mask, **kwargs)
+    query, key, value, _, _ = quantize_qkv(module, query, key, value)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 EAGER_BLOCK_ROWS = 64
