@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from wkvaq_quant.config import LINEAR_NAMES
 from wkvaq_quant.data import CALIB_DATASETS
 from wkvaq_quant.plan import QuantPlan
 # the built-in algorithms register themselves on import
@@ -26,7 +25,7 @@ from wkvaq_quant.weights import gptq as _gptq  # noqa: F401
 from wkvaq_quant.weights import awq as _awq  # noqa: F401
 from wkvaq_quant.weights.awq.settings import AwqSearchConfig
 from wkvaq_quant.weights.gptq import GptqConfig
-from wkvaq_quant.weights.registry import AlgoSpec, get_weight_algo, weight_algo_names, without_weights
+from wkvaq_quant.weights.registry import AlgoSpec, get_weight_algo, quantizes_linears, weight_algo_names, without_weights
 
 __all__ = ["WEIGHT_ALGOS", "CalibConfig", "WeightAlgo", "quantizes_weights", "run_weight_algo", "without_weights"]
 
@@ -113,9 +112,7 @@ class WeightAlgo:
 
 def quantizes_weights(plan: QuantPlan) -> bool:
     """True when some decoder Linear's weight is quantized (globally or by a per-layer setting)."""
-    if plan.layers is None:
-        return plan.w.enabled
-    return any(plan.linear_args(b, n)[0].enabled for b in plan.layers.blocks_named() for n in LINEAR_NAMES)
+    return quantizes_linears(plan, 0)
 
 
 @torch.no_grad()

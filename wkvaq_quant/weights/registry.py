@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from torch import Tensor, nn
 
-from wkvaq_quant.config import FULL_PRECISION_BITS, QuantArgs
+from wkvaq_quant.config import FULL_PRECISION_BITS, LINEAR_NAMES, QuantArgs
 
 from wkvaq_quant.plan import QuantPlan
 
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from wkvaq_quant.weights.algo import WeightAlgo
     from wkvaq_quant.weights.blocks import BlockInputs
 
-__all__ = ["AlgoSpec", "get_weight_algo", "method_to_algo", "register_weight_algo", "weight_algo_names",
+__all__ = ["AlgoSpec", "get_weight_algo", "method_to_algo", "quantizes_linears", "register_weight_algo", "weight_algo_names",
            "without_inputs", "without_weights"]
 
 
@@ -97,6 +97,14 @@ def method_to_algo(method: str) -> str:
         if spec.method == method:
             return spec.name
     raise ValueError(f"quant.method {method!r}: allowed: {', '.join(s.method for s in _ALGOS.values())}")
+
+
+def quantizes_linears(plan: QuantPlan, part: int) -> bool:
+    """True when some decoder Linear's weight (`part` 0) or input (`part` 1) is quantized, globally or
+    by a per-layer setting."""
+    if plan.layers is None:
+        return (plan.w, plan.a)[part].enabled
+    return any(plan.linear_args(b, n)[part].enabled for b in plan.layers.blocks_named() for n in LINEAR_NAMES)
 
 
 def without_weights(plan: QuantPlan) -> QuantPlan:

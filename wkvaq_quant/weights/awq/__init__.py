@@ -9,12 +9,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from wkvaq_quant.config import LINEAR_NAMES
 from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.weights.awq.pre_quant import awq_block, run_awq
 from wkvaq_quant.weights.awq.settings import check_search_dtype
 from wkvaq_quant.weights.blocks import BlockInputs
-from wkvaq_quant.weights.registry import AlgoSpec, register_weight_algo
+from wkvaq_quant.weights.registry import AlgoSpec, quantizes_linears, register_weight_algo
 from wkvaq_quant.weights.rtn import rtn_quantize
 
 
@@ -35,15 +34,8 @@ def _layer_wise_block(model: nn.Module, index: int, block: nn.Module, prefix: st
     return fp_out
 
 
-def quantizes_inputs(plan: QuantPlan) -> bool:
-    """True when some decoder Linear's input is quantized (globally or by a per-layer setting)."""
-    if plan.layers is None:
-        return plan.a.enabled
-    return any(plan.linear_args(b, n)[1].enabled for b in plan.layers.blocks_named() for n in LINEAR_NAMES)
-
-
 def _check_plan(algo: Any, plan: QuantPlan) -> None:
-    if quantizes_inputs(plan) and not algo.awq.weight_only_search and algo.awq.search_dtype != "model":
+    if quantizes_linears(plan, 1) and not algo.awq.weight_only_search and algo.awq.search_dtype != "model":
         raise ValueError(f"--search_dtype {algo.awq.search_dtype} computes weight-only output changes, but the "
                          f"plan quantizes Linear inputs, which the AWQ search then sees quantized; allowed: "
                          f"--search_dtype model, or --awq_weight_only_search")
