@@ -10,6 +10,7 @@ from .config import A_DTYPES, KV_METHODS, RESIDUAL_MODES, W_DTYPES
 
 from .plan import KV_ZERO_POINTS, QuantPlan
 from .data import CALIB_DATASETS, EVAL_DATASETS
+from .devices import DEVICE_MAPS
 from .eval.lm_eval import LMEvalSettings
 from .mix_bits import load_quant_config
 from .models import DTYPES, EMBEDDED_MODEL
@@ -78,8 +79,9 @@ def add_weight_algo_args(parser: argparse.ArgumentParser) -> None:
                         "(resumable) and stop; evaluate the result with --model DIR")
     g.add_argument("--save_quant", default=None, help="output directory of --layer_wise")
     g.add_argument("--offload_activations", action="store_true",
-                   help="--layer_wise with GPTQ / AWQ: keep the calibration activations (block inputs) in files "
-                        "under --save_quant, one batch in memory at a time")
+                   help="keep activations in files, one batch in memory at a time: with --layer_wise and GPTQ / AWQ "
+                        "the calibration activations (under --save_quant); with --stream_blocks the windows' hidden "
+                        "states (next to the result file; a killed run resumes after its last finished block)")
 
 
 def weight_algo_from_args(args: argparse.Namespace, name: str) -> WeightAlgo:
@@ -211,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=int, default=1, help="windows (and lm-eval requests) per forward pass")
     g.add_argument("--data_dir", default=None,
                    help="local copies of wikitext2/c4 in their original formats (or $WKVAQ_DATA_DIR)")
+    g.add_argument("--stream_blocks", action="store_true",
+                   help="perplexity with one decoder block in memory at a time, read from the checkpoint's "
+                        "safetensors shards (a model larger than RAM or GPU memory); same numbers as in memory")
+    g.add_argument("--device_map", default=None,
+                   help=f"a whole model across GPUs (accelerate): {', '.join(DEVICE_MAPS)}, or a JSON object "
+                        "{module: device} inline or in a .json file; needs --device cuda")
+    g.add_argument("--max_memory", default=None,
+                   help="with --device_map: memory per device, e.g. 0=40GiB,1=40GiB,cpu=100GiB")
     add_lm_eval_args(p)
     add_quant_args(p)
     add_weight_algo_args(p)
@@ -304,4 +314,7 @@ def _config(args: argparse.Namespace, argv: list[str] | None) -> RunConfig:
         layer_wise=args.layer_wise,
         save_quant=args.save_quant,
         offload_activations=args.offload_activations,
+        stream_blocks=args.stream_blocks,
+        device_map=args.device_map,
+        max_memory=args.max_memory,
     )

@@ -304,8 +304,11 @@ def load_model(
     device: str = "cpu",
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
 ) -> tuple[Any, float]:
-    """Load a causal LM in eval mode on `device`; returns (model, seconds)."""
+    """Load a causal LM in eval mode on `device` (across GPUs by accelerate with `device_map`, each
+    device filled up to `max_memory`); returns (model, seconds)."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
@@ -317,8 +320,11 @@ def load_model(
         attn_implementation=attn_implementation,
         trust_remote_code=trust_remote_code,
         local_files_only=source.local_files_only,
+        **({"device_map": device_map, "max_memory": max_memory} if device_map is not None else {}),
     )
-    model.to(device).eval()
+    if device_map is None:
+        model.to(device)
+    model.eval()
     return model, time.perf_counter() - start
 
 

@@ -11,16 +11,17 @@ from pathlib import Path
 import torch
 
 from .plan import FLAGS, QuantPlan
+from .devices import check_device_map, parse_device_map, parse_max_memory
 from .data import EVAL_DATASETS, check_datasets, get_calib_windows, get_eval_windows, resolve_text_source
 from .eval.lm_eval import LMEvalSettings, check_chat_template, evaluate_tasks, load_task_manager
 from .eval.ppl import evaluate_perplexity
+from .eval.stream import StreamBatch, check_streamable, stream_perplexity
 from .layer_bits import layer_bits_table
 from .modeling import attach
-from .modeling.attach import decoder_blocks
 from .modeling.checkpoint import check_checkpoint, load_checkpoint_weights
 from .arch import arch_for_config
 from .config import FieldError
-from .models import (DTYPES, ModelSource, check_model_available, load_model, load_tokenizer, model_config_dict,
+from .models import (DTYPES, ModelSource, _pretrained_path, check_model_available, load_model, load_tokenizer, model_config_dict,
                      model_depth, resolve_model)
 from .plan_table import format_plan
 from .results import (check_writable, clean_stale_tmp, environment_versions, now_iso, read_result, result_path,
@@ -62,7 +63,11 @@ class RunConfig:
     weight_algo: WeightAlgo = field(default_factory=WeightAlgo)  # --weight_algo and its settings
     layer_wise: bool = False  # write a quantized checkpoint block by block (--layer_wise) and stop
     save_quant: str | None = None  # where --layer_wise writes it
-    offload_activations: bool = False  # --layer_wise: calibration activations in files under save_quant
+    offload_activations: bool = False  # --layer_wise: calibration activations in files under save_quant;
+    # --stream_blocks: the windows' hidden states in files under the results directory (resumable)
+    stream_blocks: bool = False  # evaluate with one decoder block in memory at a time (--stream_blocks)
+    device_map: str | None = None  # a whole model across GPUs (--device_map: accelerate strategy or JSON)
+    max_memory: str | None = None  # --max_memory with --device_map: "0=40GiB,1=40GiB,cpu=100GiB"
 
     def __post_init__(self) -> None:
         if not isinstance(self.plan, QuantPlan):
@@ -95,15 +100,41 @@ class RunConfig:
                              f"16 (or a --config weight setting), or --weight_algo rtn")
         if self.save_quant and not self.layer_wise:
             raise ValueError("--save_quant DIR is written by --layer_wise; allowed: --layer_wise --save_quant DIR")
-        if self.offload_activations and not (self.layer_wise and self.weight_algo.needs_calib):
-            raise ValueError("--offload_activations keeps the calibration activations of a --layer_wise run on disk; "
-                             "allowed with: --layer_wise --weight_algo gptq (or awq)")
-        if self.offload_activations:
+        if self.offload_activations and not (self.layer_wise and self.weight_algo.needs_calib or self.stream_blocks):
+            raise ValueError("--offload_activations keeps activations on disk: the calibration activations of a "
+                             "--layer_wise run, or the windows' hidden states of a --stream_blocks evaluation; "
+                             "allowed with: --layer_wise --weight_algo gptq (or awq), or --stream_blocks")
+        if self.offload_activations and self.layer_wise:
             self.weight_algo.check_offload_activations()
+        self._check_placement()
         self.weight_algo.check_plan(self.plan)
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"--attn_implementation {self.attn_implementation!r}: allowed values are "
                              f"{', '.join(ATTN_IMPLEMENTATIONS)}")
+
+    def _check_placement(self) -> None:
+        """--stream_blocks and --device_map: what each combines with (their values are checked too)."""
+        if self.stream_blocks:
+            other = [flag for flag, on in (("--layer_wise", self.layer_wise), ("--tasks", bool(self.lm_eval.tasks)),
+                                           ("--awq_model_path_lp", bool(self.awq_model_path_lp)),
+                                           ("--device_map", self.device_map is not None)) if on]
+            if other:
+                raise ValueError(f"--stream_blocks evaluates perplexity block by block from the checkpoint's shards; "
+                                 f"it does not combine with {', '.join(other)}; allowed: perplexity datasets with "
+                                 f"quantization flags (a quantized checkpoint as --model DIR)")
+            if self.weight_algo.name != "rtn":
+                raise ValueError(f"--stream_blocks quantizes weights by RTN as blocks are read; for --weight_algo "
+                                 f"{self.weight_algo.name} write the checkpoint first (--layer_wise --save_quant DIR "
+                                 f"--weight_algo {self.weight_algo.name}), then --stream_blocks --model DIR")
+        if self.max_memory is not None and self.device_map is None:
+            raise ValueError("--max_memory limits what --device_map places on each device; allowed: with --device_map")
+        if self.device_map is not None:
+            if self.layer_wise:
+                raise ValueError("--device_map places a whole model across GPUs for evaluation; --layer_wise reads "
+                                 "one block at a time on --device; allowed: one of the two")
+            parse_device_map(self.device_map)
+            if self.max_memory is not None:
+                parse_max_memory(self.max_memory)
 
     def slug(self) -> str:
         """Result file name: readable settings plus a hash of every non-default numeric setting."""
@@ -198,6 +229,11 @@ def run(cfg: RunConfig, log=print) -> dict:
     source, _ = prepare_model(cfg.model, cfg.device, cfg.plan, cfg.trust_remote_code, f"--config {cfg.config_file}",
                               seq_len=cfg.seq_len if cfg.datasets else None)
     check_attn_implementation(cfg.attn_implementation, cfg.device)
+    if cfg.device_map:
+        check_device_map(parse_device_map(cfg.device_map), parse_max_memory(cfg.max_memory) if cfg.max_memory else None,
+                         cfg.device, torch.cuda.device_count())
+    if cfg.stream_blocks:
+        check_streamable(source)
     if cfg.awq_model_path_lp:
         check_checkpoint(cfg.awq_model_path_lp)
     text_sources = check_datasets(cfg.datasets, cfg.data_dir) if cfg.datasets else {}
@@ -235,22 +271,6 @@ def run(cfg: RunConfig, log=print) -> dict:
 
     calib = None if calib_source is None else get_calib_windows(
         calib_source, tokenizer, algo.calib.n_samples, algo.calib.seq_len, algo.calib.seed, source.add_special_tokens)
-    model, load_s = load_model(source, cfg.dtype, cfg.device, cfg.attn_implementation, cfg.trust_remote_code)
-    log(f"[wkvaq] loaded {source.path} ({source.kind}) in {load_s:.1f}s on {cfg.device} as {cfg.dtype}")
-    if cfg.awq_model_path_lp:
-        n = load_checkpoint_weights(model, cfg.awq_model_path_lp)
-        log(f"[wkvaq] loaded {n} tensors from {cfg.awq_model_path_lp}")
-    plan, algo_s = cfg.plan, None
-    t0 = time.perf_counter()
-    plan = run_weight_algo(model, cfg.plan, algo, calib, cfg.device, cfg.progress)  # RTN: nothing (attach rounds)
-    if algo.slug():  # an algorithm with its own result name (not plain RTN): report its time
-        algo_s = time.perf_counter() - t0
-        log(f"[wkvaq] {algo.slug()}: weights quantized in {algo_s:.1f}s")
-    if not plan.is_full_precision:
-        attach(model, plan, keep_originals=False)
-        log(f"[wkvaq] quantization: {cfg.plan.slug()} (attention: {model.config._attn_implementation})")
-    layer_bits = layer_bits_table(cfg.plan, len(decoder_blocks(model)))  # per-layer maps only
-
     record = record or {
         "model": {"name": source.name, "kind": source.kind, "path": source.path,
                   "add_special_tokens": source.add_special_tokens, "note": source.note},
@@ -259,10 +279,15 @@ def run(cfg: RunConfig, log=print) -> dict:
         "results": {},
         "created": now_iso(),
     }
-    if layer_bits:
-        record["layer_bits"] = layer_bits
-    for name in todo:
-        res = evaluate_perplexity(model, windows[name], cfg.batch_size, desc=name, progress=cfg.progress)
+    if cfg.stream_blocks:
+        evaluated, load_s, algo_s = _streamed(cfg, source, todo, windows, path, log), None, None
+    else:
+        model, load_s, algo_s = _loaded(cfg, source, algo, calib, log)
+        evaluated = ((name, evaluate_perplexity(model, windows[name], cfg.batch_size, desc=name,
+                                                progress=cfg.progress)) for name in todo)
+    if cfg.plan.layers is not None:  # per-layer maps: the bits of every layer, recorded
+        record["layer_bits"] = layer_bits_table(cfg.plan, model_depth(source, cfg.trust_remote_code))
+    for name, res in evaluated:
         record["results"][name] = {**res.to_dict(), "available_windows": available[name],
                                    "source": text_sources[name].describe()}
         if algo_s is not None:
@@ -284,6 +309,48 @@ def run(cfg: RunConfig, log=print) -> dict:
     write_result(path, record)
     log(f"[wkvaq] wrote {path}")
     return record
+
+
+def _loaded(cfg: RunConfig, source: ModelSource, algo: WeightAlgo, calib, log) -> tuple:
+    """(the whole model with the plan attached, load seconds, weight-algorithm seconds or None)."""
+    model, load_s = load_model(source, cfg.dtype, cfg.device, cfg.attn_implementation, cfg.trust_remote_code,
+                               device_map=parse_device_map(cfg.device_map) if cfg.device_map else None,
+                               max_memory=parse_max_memory(cfg.max_memory) if cfg.max_memory else None)
+    placed = f"across {sorted(set(model.hf_device_map.values()), key=str)}" if cfg.device_map else f"on {cfg.device}"
+    log(f"[wkvaq] loaded {source.path} ({source.kind}) in {load_s:.1f}s {placed} as {cfg.dtype}")
+    if cfg.awq_model_path_lp:
+        n = load_checkpoint_weights(model, cfg.awq_model_path_lp)
+        log(f"[wkvaq] loaded {n} tensors from {cfg.awq_model_path_lp}")
+    algo_s = None
+    t0 = time.perf_counter()
+    plan = run_weight_algo(model, cfg.plan, algo, calib, cfg.device, cfg.progress)  # RTN: nothing (attach rounds)
+    if algo.slug():  # an algorithm with its own result name (not plain RTN): report its time
+        algo_s = time.perf_counter() - t0
+        log(f"[wkvaq] {algo.slug()}: weights quantized in {algo_s:.1f}s")
+    if not plan.is_full_precision:
+        attach(model, plan, keep_originals=False)
+        log(f"[wkvaq] quantization: {cfg.plan.slug()} (attention: {model.config._attn_implementation})")
+    return model, load_s, algo_s
+
+
+def stream_dir(path: Path) -> Path:
+    """Where `--stream_blocks --offload_activations` keeps the hidden states of the result file `path`."""
+    return path.with_name(f".{path.stem}.stream")
+
+
+def _streamed(cfg: RunConfig, source: ModelSource, todo: list[str], windows: dict[str, torch.Tensor], path: Path,
+              log) -> list[tuple[str, object]]:
+    """[(dataset, PerplexityResult)] of a block-streamed evaluation of every dataset in one pass."""
+    batches = [StreamBatch(name, windows[name][b: b + cfg.batch_size])
+               for name in todo for b in range(0, windows[name].shape[0], cfg.batch_size)]
+    log(f"[wkvaq] streaming {source.path} block by block on {cfg.device} as {cfg.dtype}: {len(batches)} batches of "
+        f"{', '.join(todo)}" + (" (hidden states offloaded to files)" if cfg.offload_activations else ""))
+    results = stream_perplexity(
+        _pretrained_path(source), cfg.plan, batches, {n: windows[n].shape[0] for n in todo}, DTYPES[cfg.dtype],
+        cfg.device, cfg.attn_implementation, cfg.trust_remote_code, cfg.progress,
+        offload_dir=stream_dir(path) if cfg.offload_activations else None,
+        settings={"slug": cfg.slug(), "dtype": cfg.dtype, "device": cfg.device}, log=log)
+    return [(name, results[name]) for name in todo]
 
 
 def _device_name(device: str) -> str:

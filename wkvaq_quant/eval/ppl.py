@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 from ..userfiles import UserError
 
-__all__ = ["PerplexityResult", "NonFiniteLossError", "evaluate_perplexity"]
+__all__ = ["PerplexityMeter", "PerplexityResult", "NonFiniteLossError", "check_windows", "evaluate_perplexity"]
 
 
 class NonFiniteLossError(UserError):
@@ -37,37 +37,59 @@ class PerplexityResult:
         return asdict(self)
 
 
-@torch.no_grad()
-def evaluate_perplexity(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "ppl",
-                        progress: bool = True) -> PerplexityResult:
-    """Perplexity of `model` on `windows` [n, seq_len] (token ids)."""
+class PerplexityMeter:
+    """Sums the next-token NLL of windows batch by batch (with a progress bar) into a
+    PerplexityResult; in-memory and block-streamed evaluation share it, so their numbers are
+    computed by the same operations on the same tensors."""
+
+    def __init__(self, n: int, seq_len: int, desc: str = "ppl", progress: bool = True) -> None:
+        self.n, self.seq_len, self.desc = n, seq_len, desc
+        self.nll_sum, self.done = 0.0, 0
+        self.start = time.perf_counter()
+        self.bar = tqdm(total=n, desc=desc, unit="win", disable=not progress, dynamic_ncols=True)
+
+    def add(self, logits: torch.Tensor, ids: torch.Tensor) -> None:
+        """Add a batch: `logits` [bs, L, V] of the windows `ids` [bs, L] (they predict ids[:, 1:])."""
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none"
+        ).view(ids.shape[0], self.seq_len - 1)
+        per_window = nll.sum(dim=1)
+        if not torch.isfinite(per_window).all():
+            bad = [self.done + i for i, ok in enumerate(torch.isfinite(per_window).tolist()) if not ok]
+            self.bar.close()
+            raise NonFiniteLossError(f"{self.desc}: non-finite loss (NaN/Inf) in window(s) {bad}")
+        self.nll_sum += per_window.double().sum().item()
+        self.done += ids.shape[0]
+        self.bar.update(ids.shape[0])
+        self.bar.set_postfix(ppl=f"{math.exp(self.nll_sum / (self.done * (self.seq_len - 1))):.3f}")
+
+    def result(self, seconds: float | None = None) -> PerplexityResult:
+        """The perplexity of every window added (`seconds`: the time to report, default since creation)."""
+        self.bar.close()
+        if self.done != self.n:
+            raise RuntimeError(f"{self.desc}: {self.done} of {self.n} windows evaluated")
+        seconds = time.perf_counter() - self.start if seconds is None else seconds
+        tokens = self.n * (self.seq_len - 1)
+        return PerplexityResult(ppl=math.exp(self.nll_sum / tokens), nll_sum=self.nll_sum, windows=self.n,
+                                tokens=tokens, seq_len=self.seq_len, seconds=seconds,
+                                tokens_per_second=self.n * self.seq_len / seconds if seconds > 0 else float("inf"))
+
+
+def check_windows(windows: torch.Tensor, batch_size: int) -> None:
     if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise ValueError(f"windows must be [n >= 1, seq_len >= 2], got {tuple(windows.shape)}")
     if batch_size <= 0:
         raise ValueError(f"--batch_size must be positive, got {batch_size}")
+
+
+@torch.no_grad()
+def evaluate_perplexity(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "ppl",
+                        progress: bool = True) -> PerplexityResult:
+    """Perplexity of `model` on `windows` [n, seq_len] (token ids)."""
+    check_windows(windows, batch_size)
     device = next(model.parameters()).device
-    n, seq_len = windows.shape
-    nll_sum = 0.0
-    start = time.perf_counter()
-    bar = tqdm(total=n, desc=desc, unit="win", disable=not progress, dynamic_ncols=True)
-    for b in range(0, n, batch_size):
+    meter = PerplexityMeter(*windows.shape, desc=desc, progress=progress)
+    for b in range(0, windows.shape[0], batch_size):
         ids = windows[b: b + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits
-        # logits [bs, L, V] predict ids[:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none"
-        ).view(ids.shape[0], seq_len - 1)
-        per_window = nll.sum(dim=1)
-        if not torch.isfinite(per_window).all():
-            bad = [b + i for i, ok in enumerate(torch.isfinite(per_window).tolist()) if not ok]
-            raise NonFiniteLossError(f"{desc}: non-finite loss (NaN/Inf) in window(s) {bad}")
-        nll_sum += per_window.double().sum().item()
-        bar.update(ids.shape[0])
-        done = min(b + batch_size, n)
-        bar.set_postfix(ppl=f"{math.exp(nll_sum / (done * (seq_len - 1))):.3f}")
-    bar.close()
-    seconds = time.perf_counter() - start
-    tokens = n * (seq_len - 1)
-    ppl = math.exp(nll_sum / tokens)
-    return PerplexityResult(ppl=ppl, nll_sum=nll_sum, windows=n, tokens=tokens, seq_len=seq_len,
-                            seconds=seconds, tokens_per_second=n * seq_len / seconds if seconds > 0 else float("inf"))
+        meter.add(model(input_ids=ids, use_cache=False).logits, ids)
+    return meter.result()

@@ -24,7 +24,7 @@ from wkvaq_quant.modeling.attention import EAGER, SDPA, STATE_ATTR, LayerState, 
 from wkvaq_quant.modeling.kv import key_stats, quantize_keys
 from wkvaq_quant.quantize import fake_quantize
 
-__all__ = ["AttachHandle", "attach", "find_cache", "block_linears", "decoder_blocks", "decoder_linears", "find_attention_modules"]
+__all__ = ["AttachHandle", "attach", "quantize_block_weights", "find_cache", "block_linears", "decoder_blocks", "decoder_linears", "find_attention_modules"]
 
 HANDLE_ATTR = "_wkvaq_handle"
 
@@ -170,12 +170,32 @@ class _InputQuantizer:
         return quant_input
 
 
-def attach(model: nn.Module, plan: QuantPlan, keep_originals: bool = True) -> AttachHandle:
+def quantize_block_weights(model: nn.Module, plan: QuantPlan, index: int | None = None,
+                           keep: dict[str, Tensor] | None = None) -> None:
+    """RTN fake quantization of the decoder Linears' weights in place (of block `index` only, when
+    given), each with its plan settings; `keep` receives a copy of every original weight changed."""
+    for block, short, name, lin in block_linears(model):
+        if index is not None and block != index:
+            continue
+        w_args = plan.linear_args(block, short)[0]
+        if w_args.enabled:
+            if lin.weight.is_meta:
+                raise ValueError(f"{name}: its weight is not loaded (meta device), so it cannot be quantized")
+            with torch.no_grad():
+                if keep is not None:
+                    keep[name] = lin.weight.detach().clone()
+                lin.weight.copy_(fake_quantize(lin.weight, w_args))
+
+
+def attach(model: nn.Module, plan: QuantPlan, keep_originals: bool = True, weights: bool = True) -> AttachHandle:
     """Apply `plan` to `model`. Attaching the same plan again returns the existing handle.
 
     keep_originals: keep a copy of the original weights so that `remove()` restores them
     (False saves memory when the model is used once, as in a perplexity run; `remove()` then
     restores everything but the weights).
+    weights: quantize the weights now (False: the caller quantizes each block's weights with
+    `quantize_block_weights` once they are loaded, as block-streamed evaluation does; the model's
+    blocks may then be on the meta device).
     """
     old: AttachHandle | None = getattr(model, HANDLE_ATTR, None)
     if old is not None:
@@ -201,13 +221,10 @@ def attach(model: nn.Module, plan: QuantPlan, keep_originals: bool = True) -> At
     handle = AttachHandle(model=model, plan=plan, attn_implementation=current if target else None)
     # W: RTN once; A: inputs of every decoder Linear (settings per block and layer)
     memo = handle._input_memo = _InputQuantizer()
+    if weights:
+        quantize_block_weights(model, plan, keep=handle._weights if keep_originals else None)
     for block, short, name, lin in block_linears(model):
-        w_args, a_args = plan.linear_args(block, short)
-        if w_args.enabled:
-            with torch.no_grad():
-                if keep_originals:
-                    handle._weights[name] = lin.weight.detach().clone()
-                lin.weight.copy_(fake_quantize(lin.weight, w_args))
+        a_args = plan.linear_args(block, short)[1]
         if a_args.enabled:
             handle._hooks.append(lin.register_forward_pre_hook(memo.hook(a_args)))
     # per-module state; a pre-hook records how many tokens the KV cache already holds

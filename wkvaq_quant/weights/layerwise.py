@@ -77,22 +77,22 @@ class SafetensorsCheckpoint:
     """The tensors of a checkpoint directory's safetensors file(s), located from the shards'
     headers and read by name on demand (plain file reads, see safetensors_io)."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.dir = Path(path)
+    def __init__(self, path: str | Path, what: str = "--layer_wise") -> None:
+        self.dir, self.what = Path(path), what
         if not (self.dir / "config.json").is_file():
-            raise ValueError(f"--layer_wise: {self.dir} is not a checkpoint directory (no config.json)")
+            raise ValueError(f"{what}: {self.dir} is not a checkpoint directory (no config.json)")
         index, single = self.dir / INDEX_FILE, self.dir / "model.safetensors"
         if index.is_file():
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             missing = [f for f in files if not (self.dir / f).is_file()]
             if missing:
-                raise ValueError(f"--layer_wise: {index} names shard(s) missing from {self.dir}: "
+                raise ValueError(f"{what}: {index} names shard(s) missing from {self.dir}: "
                                  f"{', '.join(missing)}")
         elif single.is_file():
             files = [single.name]
         else:
             other = sorted(p.name for p in self.dir.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
-            raise ValueError(f"--layer_wise reads safetensors shards; {self.dir} has none"
+            raise ValueError(f"{what} reads safetensors shards; {self.dir} has none"
                              + (f" (found {', '.join(other)})" if other else "")
                              + ". Convert once: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR) "
                              "writes safetensors")
@@ -105,13 +105,13 @@ class SafetensorsCheckpoint:
     def of_shards(cls, path: Path, files: list[str]) -> SafetensorsCheckpoint:
         """The tensors of some safetensors files in `path` (no config needed)."""
         ckpt = cls.__new__(cls)
-        ckpt.dir = Path(path)
+        ckpt.dir, ckpt.what = Path(path), "--layer_wise"
         ckpt.entries = ckpt._entries(files)
         return ckpt
 
     def entry(self, name: str) -> TensorEntry:
         if name not in self.entries:
-            raise ValueError(f"--layer_wise: {self.dir} lacks tensor {name}")
+            raise ValueError(f"{self.what}: {self.dir} lacks tensor {name}")
         return self.entries[name]
 
     def read(self, names: list[str], dtype: torch.dtype) -> dict[str, Tensor]:
@@ -130,14 +130,14 @@ class _Skeleton:
     prefixes: list[str]  # module name of each block
 
 
-def _skeleton(ckpt: SafetensorsCheckpoint, trust_remote_code: bool) -> _Skeleton:
+def _skeleton(ckpt: SafetensorsCheckpoint, trust_remote_code: bool, attn_implementation: str = "sdpa") -> _Skeleton:
     """The model on the meta device (no weights read; see _read_outside)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(ckpt.dir, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
-                                                 attn_implementation="sdpa")
+                                                 attn_implementation=attn_implementation)
     model.eval()
     blocks = decoder_blocks(model)
     names = {id(m): n for n, m in model.named_modules()}
@@ -145,15 +145,16 @@ def _skeleton(ckpt: SafetensorsCheckpoint, trust_remote_code: bool) -> _Skeleton
     return _Skeleton(model, blocks, prefixes)
 
 
-def _read_outside(sk: _Skeleton, ckpt: SafetensorsCheckpoint, dtype: torch.dtype) -> None:
-    """Read in the modules the forward passes through before decoder block 0 (embeddings, rotary
-    embedding, final norm), not the head."""
+def _read_outside(sk: _Skeleton, ckpt: SafetensorsCheckpoint, dtype: torch.dtype, head: bool = False) -> None:
+    """Read in the modules outside the decoder blocks (embeddings, rotary embedding, final norm),
+    the head too with `head`."""
     model, blocks = sk.model, sk.blocks
     config = model.config
     names = {id(m): n for n, m in model.named_modules()}
     tied = getattr(config, "tie_word_embeddings", False)
-    head = model.get_output_embeddings()
-    head_keys = {f"{names[id(head)]}.{k}" for k in head.state_dict()} if head is not None and not tied else set()
+    out_emb = model.get_output_embeddings()
+    head_keys = ({f"{names[id(out_emb)]}.{k}" for k in out_emb.state_dict()}
+                 if out_emb is not None and not tied and not head else set())
     outside = [k for k in model.state_dict() if not k.startswith(_block_prefixes(sk)) and k not in head_keys]
     model.load_state_dict(ckpt.read([k for k in outside if k in ckpt.entries], dtype), strict=False, assign=True)
     if tied:
@@ -167,7 +168,7 @@ def _read_outside(sk: _Skeleton, ckpt: SafetensorsCheckpoint, dtype: torch.dtype
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
             if t.is_meta and not n.startswith(_block_prefixes(sk)) and n not in head_keys]
     if left:
-        raise ValueError(f"--layer_wise: the checkpoint in {ckpt.dir} lacks {', '.join(left[:3])}")
+        raise ValueError(f"{ckpt.what}: the checkpoint in {ckpt.dir} lacks {', '.join(left[:3])}")
 
 
 def _block_prefixes(sk: _Skeleton) -> tuple[str, ...]:
@@ -180,11 +181,22 @@ def _release_outside(sk: _Skeleton) -> None:
         m.to_empty(device="meta", recurse=False)
 
 
-def _load_block(sk: _Skeleton, i: int, ckpt: SafetensorsCheckpoint, dtype: torch.dtype) -> None:
+def _block_tensor_names(sk: _Skeleton, i: int) -> list[str]:
+    return [f"{sk.prefixes[i]}.{k}" for k in sk.blocks[i].state_dict()]
+
+
+def _assign_block(sk: _Skeleton, i: int, tensors: dict[str, Tensor]) -> None:
+    """Put the tensors of block i (by checkpoint name, as `_block_tensor_names`) into the block."""
     block, prefix = sk.blocks[i], sk.prefixes[i]
-    keys = list(block.state_dict())
-    tensors = ckpt.read([f"{prefix}.{k}" for k in keys], dtype)
-    block.load_state_dict({k: tensors[f"{prefix}.{k}"] for k in keys}, strict=True, assign=True)
+    block.load_state_dict({k: tensors[f"{prefix}.{k}"] for k in block.state_dict()}, strict=True, assign=True)
+    left = [n for n, t in [*block.named_parameters(), *block.named_buffers()] if t.is_meta]
+    if left:  # e.g. a non-persistent buffer inside the block: not in any checkpoint
+        raise ValueError(f"{prefix}: {', '.join(left[:3])} is not in the checkpoint (a buffer the block builds "
+                         f"itself); block-by-block loading does not support {type(block).__name__}")
+
+
+def _load_block(sk: _Skeleton, i: int, ckpt: SafetensorsCheckpoint, dtype: torch.dtype) -> None:
+    _assign_block(sk, i, ckpt.read(_block_tensor_names(sk, i), dtype))
 
 
 def _release_block(sk: _Skeleton, i: int) -> None:
