@@ -71,6 +71,30 @@ CASES = [
     ("use-fp16-dtype-clash", M, [*BASE, "--use_fp16", "--dtype", "float32"], 2, ["--use_fp16", "--dtype float32"]),
     ("layer-wise-kv", M, [*BASE, "--k_bits", "4", "--layer_wise", "--save_quant", "{out}/lw"], 2,
      ["--layer_wise writes quantized weights only"]),
+    # -- block-streamed evaluation and device maps -------------------------------------------------------
+    ("stream-hub-id", M, [*BASE[2:], "--model", "someone/some-model", "--stream_blocks"], 2,
+     ["--stream_blocks", "download the hub model first"]),
+    ("stream-bin-only", M, [*BASE[2:], "--model", "{bin_model}", "--stream_blocks"], 2,
+     ["--stream_blocks reads safetensors shards", "pytorch_model.bin"]),
+    ("stream-missing-shard", M, [*BASE[2:], "--model", "{missing_shard}", "--stream_blocks"], 2,
+     ["--stream_blocks", "missing", "model-00002-of-00002.safetensors"]),
+    ("stream-device-map", M, [*BASE, "--stream_blocks", "--device_map", "auto"], 2,
+     ["--stream_blocks", "does not combine with --device_map"]),
+    ("stream-tasks", M, [*BASE, "--stream_blocks", "--tasks", "arc_easy"], 2, ["--stream_blocks", "--tasks"]),
+    ("stream-gptq", M, [*BASE, "--stream_blocks", "--w_bits", "4", "--weight_algo", "gptq"], 2,
+     ["--stream_blocks", "--layer_wise --save_quant DIR"]),
+    ("stream-layer-wise", M, [*BASE, "--stream_blocks", "--w_bits", "4", "--layer_wise", "--save_quant", "{out}/lw2"],
+     2, ["--stream_blocks", "--layer_wise"]),
+    ("offload-without-stream", M, [*BASE, "--w_bits", "4", "--offload_activations"], 2,
+     ["--offload_activations", "--stream_blocks"]),
+    ("device-map-no-cuda", M, [*BASE, "--device_map", "auto"], 2, ["--device_map", "--device cuda"]),
+    ("device-map-cuda-missing", M, [*BASE, "--device", "cuda", "--device_map", "auto"], 2, ["--device cuda"]),
+    ("device-map-unknown", M, [*BASE, "--device_map", "everywhere"], 2, ["--device_map 'everywhere'", "balanced"]),
+    ("device-map-bad-json", M, [*BASE, "--device_map", "{{\"model\": "], 2, ["--device_map", "not valid JSON"]),
+    ("device-map-bad-device", M, [*BASE, "--device_map", "{{\"model\": \"tpu\"}}"], 2, ["--device_map", "'tpu'"]),
+    ("device-map-file-missing", M, [*BASE, "--device_map", "{out}/none.json"], 2, ["--device_map", "none.json"]),
+    ("max-memory-alone", M, [*BASE, "--max_memory", "0=10GiB"], 2, ["--max_memory", "with --device_map"]),
+    ("max-memory-bad", M, [*BASE, "--device_map", "auto", "--max_memory", "0=lots"], 2, ["--max_memory", "0=lots"]),
     ("save-quant-without-layer-wise", M, [*BASE, "--w_bits", "4", "--save_quant", "{out}/q"], 2, ["--save_quant"]),
     # -- results store -----------------------------------------------------------------------------------
     ("results-dir-is-file", M, ["--model", "{tiny}", "--results_dir", "{a_file}", "--n_windows", "1", "--seq_len",
@@ -146,6 +170,16 @@ def _files(tmp: Path, tiny: Path) -> dict[str, str]:
     f["cut_model"] = model_dir("cut_model", cfg)
     data = (tiny / "model.safetensors").read_bytes()
     (f["cut_model"] / "model.safetensors").write_bytes(data[: len(data) // 2])
+    f["bin_model"] = model_dir("bin_model", cfg)
+    from safetensors.torch import load_file
+
+    torch.save(load_file(tiny / "model.safetensors"), f["bin_model"] / "pytorch_model.bin")
+    f["missing_shard"] = model_dir("missing_shard", cfg)
+    shutil.copy(tiny / "model.safetensors", f["missing_shard"] / "model-00001-of-00002.safetensors")
+    names = load_file(tiny / "model.safetensors")
+    (f["missing_shard"] / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        k: "model-00001-of-00002.safetensors" if i else "model-00002-of-00002.safetensors"
+        for i, k in enumerate(names)}}))
     f["random_st"] = tmp / "random.safetensors"
     f["random_st"].write_bytes(bytes(range(256)) * 40)
     f["cut_st"] = tmp / "cut.safetensors"
@@ -221,6 +255,11 @@ def weights_forbidden(monkeypatch):
     monkeypatch.setattr(run_module, "load_model", forbidden)
     monkeypatch.setattr(awq_entry, "load_model", forbidden)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", forbidden)
+    from wkvaq_quant.eval import stream
+    from wkvaq_quant.weights import layerwise
+
+    monkeypatch.setattr(stream, "read_tensor", forbidden)  # block-streamed evaluation's reads
+    monkeypatch.setattr(layerwise, "read_tensor", forbidden)
     return reads
 
 

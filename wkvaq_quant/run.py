@@ -15,7 +15,7 @@ from .devices import check_device_map, parse_device_map, parse_max_memory
 from .data import EVAL_DATASETS, check_datasets, get_calib_windows, get_eval_windows, resolve_text_source
 from .eval.lm_eval import LMEvalSettings, check_chat_template, evaluate_tasks, load_task_manager
 from .eval.ppl import evaluate_perplexity
-from .eval.stream import StreamBatch, check_streamable, stream_perplexity
+from .eval.stream import StreamBatch, check_streamable, refuse_hub, stream_perplexity
 from .layer_bits import layer_bits_table
 from .modeling import attach
 from .modeling.checkpoint import check_checkpoint, load_checkpoint_weights
@@ -226,6 +226,8 @@ def run(cfg: RunConfig, log=print) -> dict:
     before the model is loaded, so bad input fails in seconds.
     """
     started = time.perf_counter()
+    if cfg.stream_blocks:
+        refuse_hub(resolve_model(cfg.model))  # before asking the hub about it
     source, _ = prepare_model(cfg.model, cfg.device, cfg.plan, cfg.trust_remote_code, f"--config {cfg.config_file}",
                               seq_len=cfg.seq_len if cfg.datasets else None)
     check_attn_implementation(cfg.attn_implementation, cfg.device)

@@ -50,21 +50,26 @@ from wkvaq_quant.weights.layerwise import (SafetensorsCheckpoint, _assign_block,
                                            _read_outside, _release_block, _release_outside, _skeleton, _to_dtype)
 from wkvaq_quant.weights.safetensors_io import read_tensor
 
-__all__ = ["STREAM_STATE", "StreamBatch", "check_streamable", "stream_perplexity"]
+__all__ = ["STREAM_STATE", "StreamBatch", "check_streamable", "refuse_hub", "stream_perplexity"]
 
 FLAG = "--stream_blocks"
 STREAM_STATE = "stream_state.json"
 """In the offload directory: the settings and the last finished block of an offloaded run."""
 
 
-def check_streamable(source) -> SafetensorsCheckpoint:
-    """The checkpoint of a resolved `--model` (models.ModelSource) that --stream_blocks can read:
-    a local directory (or a registry model) of safetensors shards, all present; refused otherwise,
-    from the headers alone."""
+def refuse_hub(source) -> None:
+    """A hub id is refused: streaming reads local shards (a download would defeat it)."""
     if source.kind == "hub":
         raise ValueError(f"{FLAG} --model {source.path}: reads a local checkpoint's safetensors shards; download "
                          f"the hub model first (huggingface-cli download {source.path} --local-dir DIR) and pass "
                          f"--model DIR")
+
+
+def check_streamable(source) -> SafetensorsCheckpoint:
+    """The checkpoint of a resolved `--model` (models.ModelSource) that --stream_blocks can read:
+    a local directory (or a registry model) of safetensors shards, all present; refused otherwise,
+    from the headers alone."""
+    refuse_hub(source)
     return SafetensorsCheckpoint(_pretrained_path(source), what=FLAG)
 
 
@@ -298,6 +303,9 @@ def stream_perplexity(checkpoint: str | Path, plan: QuantPlan, batches: list[Str
     if offload_dir is not None:
         offload_dir.mkdir(parents=True, exist_ok=True)
         _clean(offload_dir, gen)
+    # the quantization hooks and attention function, before anything runs: the masks the model
+    # builds depend on the attention implementation attach selects
+    attach(model, plan, keep_originals=False, weights=False)
     # 1. inputs of every block (block 0's hidden states only when not resuming)
     started = time.perf_counter()
     hidden = (_Hidden.existing(gen, len(batches)) if gen is not None
@@ -307,7 +315,6 @@ def stream_perplexity(checkpoint: str | Path, plan: QuantPlan, batches: list[Str
     kwargs = _record_inputs(model, blocks, batches, dev, hidden.put if gen is None else None)
     _release_outside(sk)
     # 2. the blocks, one at a time
-    attach(model, plan, keep_originals=False, weights=False)
     reader = _Reader(sk, ckpt, dtype, dev)
     try:
         bar = tqdm(range(start, len(blocks)), desc="stream blocks", unit="block", disable=not progress,
