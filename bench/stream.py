@@ -151,7 +151,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     floor = _last_json(_run([sys.executable, "-c", BASELINE]))["peak_rss_mb"]
     cmd = "OMP_NUM_THREADS=2 python bench/stream.py " + " ".join(a for a in sys.argv[1:] if a != "--write")
-    body = [f"Command: `{cmd}`. Import floor (torch, transformers, wkvaq imported): {floor / 1024:.2f} GiB.", ""]
+    body = [SECTION, "", f"Command: `{cmd}`. Import floor (torch, transformers, wkvaq imported): {floor / 1024:.2f} GiB.", ""]
     if args.time:
         body += ["Time on the embedded model (SmolLM2-135M, wiki_sample, page cache warm; best of "
                  f"{args.reps} alternating runs):", "", *time_rows(work, args.time_windows, args.reps), ""]
