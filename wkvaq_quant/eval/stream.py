@@ -130,9 +130,10 @@ class _Shared:
 
     def __call__(self, obj: Any) -> Any:
         if isinstance(obj, Tensor):
-            for t in self.kept:
-                if t is obj or (t.shape == obj.shape and t.dtype == obj.dtype and t.device == obj.device
-                                and torch.equal(t, obj)):
+            if any(t is obj for t in self.kept):  # the same object (every block of one forward)
+                return obj
+            for t in self.kept:  # an equal one (another batch)
+                if t.shape == obj.shape and t.dtype == obj.dtype and t.device == obj.device and torch.equal(t, obj):
                     return t
             self.kept.append(obj)
             return obj
