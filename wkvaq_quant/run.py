@@ -318,7 +318,8 @@ def _loaded(cfg: RunConfig, source: ModelSource, algo: WeightAlgo, calib, log) -
     model, load_s = load_model(source, cfg.dtype, cfg.device, cfg.attn_implementation, cfg.trust_remote_code,
                                device_map=parse_device_map(cfg.device_map) if cfg.device_map else None,
                                max_memory=parse_max_memory(cfg.max_memory) if cfg.max_memory else None)
-    placed = f"across {sorted(set(model.hf_device_map.values()), key=str)}" if cfg.device_map else f"on {cfg.device}"
+    placed = (f"across {sorted({str(d) for d in (getattr(model, 'hf_device_map', None) or {}).values()})} "
+              f"(--device_map {cfg.device_map})" if cfg.device_map else f"on {cfg.device}")
     log(f"[wkvaq] loaded {source.path} ({source.kind}) in {load_s:.1f}s {placed} as {cfg.dtype}")
     if cfg.awq_model_path_lp:
         n = load_checkpoint_weights(model, cfg.awq_model_path_lp)
