@@ -195,3 +195,18 @@ def test_offloaded_state_of_other_settings_is_not_reused(tiny_llama, tmp_path, m
 def test_stream_dir_sits_next_to_the_result_file(tmp_path):
     path = tmp_path / "m" / "w4-float32-seq48-abc.json"
     assert stream_dir(path) == tmp_path / "m" / ".w4-float32-seq48-abc.stream"
+
+
+def test_a_model_that_changes_hidden_states_between_blocks_is_refused(tiny_llama, monkeypatch):
+    """Streaming assumes block i+1 receives what block i returned; a model that does something in
+    between is refused rather than evaluated wrongly."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    from transformers.models.llama import modeling_llama
+
+    def call(self, *args, **kwargs):  # every block's output doubled on its way to the next one
+        return GradientCheckpointingLayer.__call__(self, *args, **kwargs) * 2
+
+    monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "__call__", call)
+    with pytest.raises(ValueError, match="changes the hidden states between decoder blocks 0 and 1"):
+        stream_perplexity(tiny_llama, QuantPlan(), _batches(_ids(1), 1), {"x": 1}, progress=False,
+                          log=lambda m: None)

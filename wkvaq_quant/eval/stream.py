@@ -153,9 +153,16 @@ def _record_inputs(model: nn.Module, blocks: list[nn.Module], batches: list[Stre
     share, kwargs = _Shared(), []
     current: list[dict[str, Any]] = []
 
+    returned: list[Tensor] = []
+
     def record(i: int, hidden: Tensor, kw: dict[str, Any]) -> Tensor:
         if i == 0 and put is not None:
             put(hidden)
+        if i > 0 and hidden is not returned[0]:  # the model changed the hidden states between two blocks
+            raise ValueError(f"{FLAG}: {type(model).__name__} changes the hidden states between decoder blocks "
+                             f"{i - 1} and {i}, which block-by-block evaluation does not reproduce; allowed: the "
+                             f"evaluation in memory (without {FLAG})")
+        returned[:] = [hidden]
         current.append(share(kw))
         if i == len(blocks) - 1:
             raise _Done
