@@ -7,9 +7,11 @@
         process's wall time; and the perplexities (equal).
 --rss SIZE:NxT: peak RSS of streamed evaluation of a synthetic Llama-shaped BF16 checkpoint (as
         bench/layerwise.py writes them: random weights, the embedded tokenizer), N windows of T
-        tokens, against the bound "import floor + one block in the compute dtype + its largest
-        BF16 tensor (read before conversion) + the windows' hidden states twice (inputs and
-        outputs of a block) + one window's activations inside a block"; and the whole-model run
+        tokens, against the bound "import floor + the larger of: one block in the compute dtype,
+        its largest BF16 tensor (read before conversion), the windows' hidden states twice (inputs
+        and outputs of a block) and one window's activations inside a block; or the head in FP32
+        and BF16, the hidden states once and three copies of one window's logits (as in memory)";
+        and the whole-model run
         where it fits in this machine's memory: in FP32 with the same windows, else in BF16 with
         one window of 64 tokens (its peak is the weights').
 --e2e SIZE:NxT: W4A8KV4 (W4 g128, A8 FP8, KV4, KTVT, residual 1) streamed end to end.
@@ -57,12 +59,19 @@ def _block_bytes(shape: dict, elem: int) -> tuple[int, int]:
 
 
 def _bound_mb(shape: dict, floor_mb: float, n: int, t: int) -> float:
-    """The stated bound of a streamed FP32 run (see the module docstring), in MiB."""
-    h, i, heads = shape["hidden_size"], shape["intermediate_size"], shape["num_attention_heads"]
+    """The stated bound of a streamed FP32 run (see the module docstring), in MiB: the import floor
+    plus the larger of the two phases. Blocks: one block in FP32, its largest tensor in BF16 (read
+    before conversion), the hidden states of all windows twice (a block's inputs and outputs), one
+    window's activations inside a block. Head: the head in FP32 and in BF16, the final hidden
+    states once, one window's logits three times (the logits, the shifted copy the loss takes, its
+    log-softmax)."""
+    h, i, heads, v = shape["hidden_size"], shape["intermediate_size"], shape["num_attention_heads"], VOCAB
     block, largest = _block_bytes(shape, 4)
-    hidden = 2 * 4 * n * t * h
+    hidden = 4 * n * t * h
     acts = 4 * t * (4 * h + 3 * i) + 4 * heads * t * min(t, 64) * 2  # q/k/v/o, gate/up/act, a block of scores
-    return floor_mb + (block + largest + hidden + acts) / 2**20
+    blocks = block + largest + 2 * hidden + acts
+    tail = 6 * v * h + hidden + 3 * 4 * t * v
+    return floor_mb + max(blocks, tail) / 2**20
 
 
 def _spec(text: str) -> tuple[str, int, int]:

@@ -12,9 +12,10 @@ decoder block in memory at a time, read from the checkpoint's safetensors shards
    makes in memory), and every batch runs through it; its outputs replace the hidden states. The
    quantization hooks (activations, Q / K / V / P, KV cache settings, per-block maps) are attached
    once, on the meta model, exactly as in memory. The block goes back to meta.
-3. The final norm and the head are read, and for each batch the model's own forward runs once more
-   with the blocks replaced by a pass-through that hands over the last block's outputs: norm, head
-   and whatever the family does after them run as in memory, one batch of logits at a time, and the
+3. The final norm and the head are read (not the input embeddings, unless tied to the head), and
+   for each batch the model's own forward runs once more, on placeholder input embeddings, with
+   the blocks replaced by a pass-through that hands over the last block's outputs: norm, head and
+   whatever the family does after them run as in memory, one batch of logits at a time, and the
    NLL is summed by the same `PerplexityMeter` as in memory.
 
 So every block sees the tensors it sees in memory, in the same shapes, and on CPU the perplexity
@@ -343,8 +344,9 @@ def stream_perplexity(checkpoint: str | Path, plan: QuantPlan, batches: list[Str
     finally:
         reader.close()
     # 3. final norm and head, one batch at a time, through the model's own forward
-    _read_outside(sk, ckpt, dtype, head=True)
+    _read_outside(sk, ckpt, dtype, head=True, embeddings=False)  # the embeddings' output is not used
     _outside_to(sk, dev)
+    width = model.get_input_embeddings().weight.shape[1]
     meters = {name: PerplexityMeter(n, next(b.ids.shape[1] for b in batches if b.name == name), desc=name,
                                     progress=progress) for name, n in windows.items()}
     last: list[Tensor] = []
@@ -352,7 +354,8 @@ def stream_perplexity(checkpoint: str | Path, plan: QuantPlan, batches: list[Str
         for j, batch in enumerate(batches):
             last[:] = [hidden.get(j, dev)]
             ids = batch.ids.to(dev)
-            meters[batch.name].add(model(input_ids=ids, use_cache=False).logits, ids)
+            embeds = torch.zeros(*ids.shape, width, dtype=dtype, device=dev)  # replaced by the blocks' output
+            meters[batch.name].add(model(inputs_embeds=embeds, use_cache=False).logits, ids)
     _release_outside(sk)
     seconds = time.perf_counter() - started  # the whole pass, shared by the datasets it carried
     results = {name: m.result(seconds) for name, m in meters.items()}

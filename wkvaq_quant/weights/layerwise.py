@@ -145,16 +145,20 @@ def _skeleton(ckpt: SafetensorsCheckpoint, trust_remote_code: bool, attn_impleme
     return _Skeleton(model, blocks, prefixes)
 
 
-def _read_outside(sk: _Skeleton, ckpt: SafetensorsCheckpoint, dtype: torch.dtype, head: bool = False) -> None:
+def _read_outside(sk: _Skeleton, ckpt: SafetensorsCheckpoint, dtype: torch.dtype, head: bool = False,
+                  embeddings: bool = True) -> None:
     """Read in the modules outside the decoder blocks (embeddings, rotary embedding, final norm),
-    the head too with `head`."""
+    the head too with `head`, the input embeddings only with `embeddings` (or when tied to the head)."""
     model, blocks = sk.model, sk.blocks
     config = model.config
     names = {id(m): n for n, m in model.named_modules()}
     tied = getattr(config, "tie_word_embeddings", False)
-    out_emb = model.get_output_embeddings()
-    head_keys = ({f"{names[id(out_emb)]}.{k}" for k in out_emb.state_dict()}
-                 if out_emb is not None and not tied and not head else set())
+
+    def keys(m) -> set[str]:
+        return {f"{names[id(m)]}.{k}" for k in m.state_dict()} if m is not None else set()
+
+    head_keys = (keys(model.get_output_embeddings()) if not tied and not head else set()) | \
+        (keys(model.get_input_embeddings()) if not tied and not embeddings else set())
     outside = [k for k in model.state_dict() if not k.startswith(_block_prefixes(sk)) and k not in head_keys]
     model.load_state_dict(ckpt.read([k for k in outside if k in ckpt.entries], dtype), strict=False, assign=True)
     if tied:
