@@ -106,7 +106,7 @@ def time_rows(work: Path, n: int, reps: int) -> list[str]:
     return rows
 
 
-def rss_rows(work: Path, specs: list[str], floor_mb: float) -> list[str]:
+def rss_rows(work: Path, specs: list[str], floor_mb: float, whole_runs: bool = True) -> list[str]:
     rows = ["| checkpoint | windows | streamed (FP32): peak RSS, time | stated bound | whole model: peak RSS "
             "| streamed vs whole |", "|---|---|---:|---:|---:|---:|"]  # noqa: E501
     for text in specs:
@@ -116,13 +116,15 @@ def rss_rows(work: Path, specs: list[str], floor_mb: float) -> list[str]:
         st = run_main(_flags(src, n, t, "--dtype", "float32", "--stream_blocks"), work / "rss")
         bound = _bound_mb(shape, floor_mb, n, t)
         whole, whole_label = None, ""
-        if 4 * _n_params(src) / 2**30 * 1.1 < MEMORY_GIB:  # FP32 weights, as streamed, with the same windows
+        if not whole_runs:
+            pass
+        elif 4 * _n_params(src) / 2**30 * 1.1 < MEMORY_GIB:  # FP32 weights, as streamed, with the same windows
             whole, whole_label = run_main(_flags(src, n, t, "--dtype", "float32"), work / "rss"), f"FP32, {n} x {t}"
         elif gib * 1.1 < MEMORY_GIB:  # BF16 weights; BF16 products are slow here: one short window
             whole, whole_label = run_main(_flags(src, 1, 64, "--dtype", "bfloat16"), work / "rss"), "BF16, 1 x 64"
         params = _n_params(src)
         w = (f"{whole['peak_rss_mb'] / 1024:.2f} GiB ({whole_label})" if whole
-             else f"does not fit ({gib:.1f} GiB of BF16 weights)")
+             else "not run" if not whole_runs else f"does not fit ({gib:.1f} GiB of BF16 weights)")
         ratio = f"{st['peak_rss_mb'] / whole['peak_rss_mb']:.1%} ({1 - st['peak_rss_mb'] / whole['peak_rss_mb']:.1%} " \
                 f"less)" if whole else "-"
         rows.append(f"| {size}: {params / 1e9:.2f} B params, {gib:.2f} GiB BF16 | {n} x {t} "
@@ -155,6 +157,7 @@ def main() -> None:
     p.add_argument("--time_windows", type=int, default=4)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--rss", default="", help="SIZE:NxT,...: peak RSS of streamed (and whole-model) runs")
+    p.add_argument("--skip_whole", action="store_true", help="--rss: streamed runs only")
     p.add_argument("--e2e", default="", help="SIZE:NxT: a W4A8KV4 streamed run end to end")
     p.add_argument("--work", default="/tmp/wkvaq-bench-layerwise")
     p.add_argument("--write", action="store_true", help="update the section in bench/RESULTS.md")
@@ -169,7 +172,7 @@ def main() -> None:
                  f"{args.reps} alternating runs):", "", *time_rows(work, args.time_windows, args.reps), ""]
     if args.rss:
         body += ["Peak RSS on synthetic Llama-shaped checkpoints:", "",
-                 *rss_rows(work, [s for s in args.rss.split(",") if s], floor), ""]
+                 *rss_rows(work, [s for s in args.rss.split(",") if s], floor, not args.skip_whole), ""]
     if args.e2e:
         body += ["End to end on this machine (2 cores, 24 GB RAM):", "", *e2e_rows(work, args.e2e), ""]
     print("\n".join(body))

@@ -255,11 +255,10 @@ def weights_forbidden(monkeypatch):
     monkeypatch.setattr(run_module, "load_model", forbidden)
     monkeypatch.setattr(awq_entry, "load_model", forbidden)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", forbidden)
-    from wkvaq_quant.eval import stream
     from wkvaq_quant.weights import layerwise
 
-    monkeypatch.setattr(stream, "read_tensor", forbidden)  # block-streamed evaluation's reads
-    monkeypatch.setattr(layerwise, "read_tensor", forbidden)
+    monkeypatch.setattr(layerwise, "read_tensor", forbidden)  # layer-wise and block-streamed reads
+    monkeypatch.setattr(layerwise, "read_rows", forbidden)
     return reads
 
 

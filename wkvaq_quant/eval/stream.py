@@ -48,8 +48,7 @@ from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.results import atomic_write_json
 from wkvaq_quant.weights.blocks import block_output, move_tensors, outside_modules
 from wkvaq_quant.weights.layerwise import (SafetensorsCheckpoint, _assign_block, _block_tensor_names,
-                                           _read_outside, _release_block, _release_outside, _skeleton, _to_dtype)
-from wkvaq_quant.weights.safetensors_io import read_tensor
+                                           _read_outside, _release_block, _release_outside, _skeleton, read_converted)
 
 __all__ = ["STREAM_STATE", "StreamBatch", "check_streamable", "refuse_hub", "stream_perplexity"]
 
@@ -226,7 +225,7 @@ class _Reader:
     def _read(self, i: int) -> dict[str, Tensor]:
         out = {}
         for name in _block_tensor_names(self.sk, i):
-            t = _to_dtype(read_tensor(self.ckpt.entry(name)), self.dtype)
+            t = read_converted(self.ckpt.entry(name), self.dtype)
             if self.cuda:
                 t = t.pin_memory()
                 with torch.cuda.stream(self.stream):
@@ -323,6 +322,7 @@ def stream_perplexity(checkpoint: str | Path, plan: QuantPlan, batches: list[Str
     _outside_to(sk, dev)
     kwargs = _record_inputs(model, blocks, batches, dev, hidden.put if gen is None else None)
     _release_outside(sk)
+    _trim()
     # 2. the blocks, one at a time
     reader = _Reader(sk, ckpt, dtype, dev)
     try:
@@ -337,6 +337,7 @@ def stream_perplexity(checkpoint: str | Path, plan: QuantPlan, batches: list[Str
                 out.put(block_output(blocks[i](hidden.get(j, dev), **move_tensors(kwargs[j][i], dev))))
             _release_block(sk, i)
             hidden = out
+            _trim()
             if offload_dir is not None:
                 atomic_write_json(offload_dir / STREAM_STATE, {"settings": state_settings, "blocks_done": i + 1,
                                                                "generation": out.directory.name})
@@ -362,6 +363,24 @@ def stream_perplexity(checkpoint: str | Path, plan: QuantPlan, batches: list[Str
     if offload_dir is not None:
         shutil.rmtree(offload_dir, ignore_errors=True)
     return results
+
+
+def _trim() -> None:
+    """Give freed heap memory back to the system (glibc keeps the freed blocks' pages otherwise, and
+    the process would grow by a block's worth over the run); a no-op without glibc."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def _outside_to(sk, device: torch.device) -> None:
