@@ -9,7 +9,7 @@ from torch import nn
 from wkvaq_quant.config import QuantArgs
 
 from wkvaq_quant.plan import QuantPlan
-from wkvaq_quant.modeling import EAGER, SDPA, attach, decoder_linears
+from wkvaq_quant.modeling import EAGER, SDPA, attach, decoder_linears, find_attention_modules
 from wkvaq_quant.quantize import fake_quantize
 from tests.modeling.conftest import FAMILIES
 
@@ -134,3 +134,18 @@ def test_sequence_shorter_than_the_residual_stays_full_precision(tiny_models, in
     attach(model, QuantPlan.from_flags(k_bits=2, v_bits=2, k_group_size=8, kv_quant_method=method,
                                        kv_residual_len=32, k_quant_post_rope=True))
     torch.testing.assert_close(_logits(model, input_ids), _logits(fp, input_ids), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_attention_logit_softcapping_is_refused_not_dropped(tiny_models, input_ids, impl):
+    """A model that passes softcap= to its attention function (Gemma-2 style) is refused by the quantized
+    attention; without quantized attention the family's own function computes it."""
+    from wkvaq_quant.modeling.attention import wkvaq_eager_attention, wkvaq_sdpa_attention
+
+    model = tiny_models("gemma3", impl)
+    attach(model, QuantPlan.from_flags(k_bits=4, v_bits=4))
+    attn = find_attention_modules(model)[0]
+    q, k = torch.randn(1, 4, 3, 32), torch.randn(1, 1, 3, 32)
+    fn = wkvaq_sdpa_attention if impl == "sdpa" else wkvaq_eager_attention
+    with pytest.raises(ValueError, match="soft-capping .softcap=50.0.*attn_logit_softcapping null"):
+        fn(attn, q, k, k.clone(), None, scaling=0.2, softcap=50.0)
