@@ -46,6 +46,11 @@ SETTINGS: list[tuple[str, str, str | None]] = [
 ]
 
 
+GOALS = [("W4 g128 INT asym, GPTQ", "W4 g128 INT asym, RTN"), ("W4 g128 INT asym, AWQ", "W4 g128 INT asym, RTN"),
+         ("W3 g128 INT asym, GPTQ", "W3 g128 INT asym, RTN"), ("W3 g128 INT asym, AWQ", "W3 g128 INT asym, RTN"),
+         ("W4 g128 BitMoD, RTN", "W4 g128 INT asym, RTN")]
+
+
 def _flags(args, flags: str) -> list[str]:
     return ["--model", MODEL, "--datasets", "wiki_sample", "--n_windows", str(args.n_windows), *flags.split()]
 
@@ -74,14 +79,21 @@ def main() -> None:
         records[label] = run_main(_flags(args, flags), _results_dir(work, label))
         print(f"{label}: ppl {records[label]['results']['wiki_sample']['ppl']:.3f}", flush=True)
     ppl = {k: r["results"]["wiki_sample"]["ppl"] for k, r in records.items()}
-    rows = ["| setting | flags | ppl | vs | ratio | main.py wall time |", "|---|---|---:|---|---:|---:|"]
+    rows = ["| setting | flags | ppl | vs | ratio | run time |", "|---|---|---:|---|---:|---:|"]
     for label, flags, ref in SETTINGS:
         if label not in ppl:
             rows.append(f"| {label} | `{flags}` | not run | | | |")
             continue
         ratio = f"{ppl[label] / ppl[ref]:.3f}x" if ref in ppl else ""
         rows.append(f"| {label} | `{flags}` | {ppl[label]:.3f} | {ref or ''} | {ratio} | "
-                    f"{records[label]['bench_wall_s']:.0f} s |")
+                    f"{records[label]['total_s']:.0f} s |")
+    goals = []
+    for better, worse in GOALS:
+        if better in ppl and worse in ppl:
+            verdict = "met" if ppl[better] < ppl[worse] else "**not met**"
+            goals.append(f"- {better} ({ppl[better]:.3f}) below {worse} ({ppl[worse]:.3f}): {verdict}")
+        else:
+            goals.append(f"- {better} below {worse}: not measured (a row did not run)")
     threads = os.environ.get("OMP_NUM_THREADS", "default")
     section = f"""{SECTION}
 
@@ -89,9 +101,14 @@ Embedded Gemma-3-270M (base; `--model {MODEL}`, FP32, converted from a Q4_K_M GG
 tensors, so "FP" is itself a 4-8-bit model), perplexity on the first {args.n_windows} wiki_sample evaluation
 windows x 2048 tokens (BOS first, as Gemma is trained). GPTQ: 32 calibration windows x 512 tokens, AWQ: 8 x 256
 (seed 0, wiki_sample's calibration split), the project's defaults otherwise; asymmetric INT with an integer zero
-point. "vs": the row the ratio divides by. On the CPU with OMP_NUM_THREADS={threads} (2 cores shared with other work).
+point. "vs": the row the ratio divides by; run time: the run's own `total_s` (loading, calibration,
+quantization, evaluation). On the CPU with OMP_NUM_THREADS={threads} (2 cores shared with other work).
 
 {chr(10).join(rows)}
+
+Goals (GPTQ and AWQ beat RTN at W4 and W3, BitMoD beats INT):
+
+{chr(10).join(goals)}
 
     OMP_NUM_THREADS={threads} python bench/families.py --n_windows {args.n_windows} --write
 """
