@@ -68,13 +68,17 @@ def main() -> None:
     p.add_argument("--n_windows", type=int, default=8)
     p.add_argument("--work", default="/tmp/wkvaq-bench-families", help="finished runs are reused from here")
     p.add_argument("--only_done", action="store_true", help="run nothing: render the rows that have finished")
+    p.add_argument("--rows", default=None,
+                   help="comma-separated row numbers (1 = FP) to run, in that order; the other finished rows are shown")
     p.add_argument("--write", action="store_true", help="update the section in bench/RESULTS.md")
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     records: dict[str, dict] = {}
-    for label, flags, _ in SETTINGS:
-        if args.only_done and not _done(work, label):
+    order = SETTINGS if args.rows is None else [SETTINGS[int(i) - 1] for i in args.rows.split(",")]
+    order += [s for s in SETTINGS if s not in order]  # the rest only where finished
+    for n, (label, flags, _) in enumerate(order):
+        if (args.only_done or (args.rows is not None and n >= len(args.rows.split(",")))) and not _done(work, label):
             continue
         records[label] = run_main(_flags(args, flags), _results_dir(work, label))
         print(f"{label}: ppl {records[label]['results']['wiki_sample']['ppl']:.3f}", flush=True)
