@@ -99,6 +99,11 @@ def main() -> None:
         else:
             goals.append(f"- {better} below {worse}: not measured (a row did not run)")
     threads = os.environ.get("OMP_NUM_THREADS", "default")
+    missing = [label for label, _, _ in SETTINGS if label not in ppl]
+    status = (f"Rows marked *not run* ({len(missing)} of {len(SETTINGS)}) did not finish within this measurement's CPU "
+              f"time (on 2 shared cores one calibrated row of 8 windows took about half an hour: GPTQ W4's run time "
+              f"above); the command below runs them, reusing the finished rows from `--work`." if missing else
+              "Every row ran.")
     section = f"""{SECTION}
 
 Embedded Gemma-3-270M (base; `--model {MODEL}`, FP32, converted from a Q4_K_M GGUF: Q5_0 / Q4_K / Q6_K / Q8_0
@@ -109,6 +114,8 @@ point. "vs": the row the ratio divides by; run time: the run's own `total_s` (lo
 quantization, evaluation). On the CPU with OMP_NUM_THREADS={threads} (2 cores shared with other work).
 
 {chr(10).join(rows)}
+
+{status}
 
 Goals (GPTQ and AWQ beat RTN at W4 and W3, BitMoD beats INT):
 
