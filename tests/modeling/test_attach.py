@@ -9,10 +9,13 @@ from torch import nn
 from wkvaq_quant.config import QuantArgs
 
 from wkvaq_quant.plan import QuantPlan
-from wkvaq_quant.modeling import EAGER, SDPA, attach, decoder_linears
+from wkvaq_quant.modeling import EAGER, SDPA, attach, decoder_linears, find_attention_modules
 from wkvaq_quant.quantize import fake_quantize
+from tests.modeling.conftest import FAMILIES
 
-CASES = [("llama", "sdpa", None), ("llama", "eager", None), ("mistral", "sdpa", 8), ("mistral", "eager", 8)]
+CASES = [("llama", "sdpa", None), ("llama", "eager", None), ("mistral", "sdpa", 8), ("mistral", "eager", 8),
+         ("qwen2", "sdpa", None), ("qwen2", "eager", 8), ("qwen3", "sdpa", None), ("qwen3", "eager", None),
+         ("gemma3", "sdpa", None), ("gemma3", "eager", None)]  # Gemma-3: layer 0 slides over 8 tokens
 QUANT = QuantPlan.from_flags(w_bits=4, w_group_size=16, a_bits=8, q_bits=8, k_bits=4, v_bits=4,
                              kv_residual_len=4, apply_k_scale=True)
 
@@ -41,14 +44,22 @@ def test_all_16_bits_is_bit_identical_and_remove_restores(tiny_models, input_ids
     assert torch.equal(_logits(model, input_ids), ref)
 
 
-def test_sliding_window_is_kept(tiny_models, input_ids):
-    """Mistral's window (8 < 24 tokens) must survive the registered mask function."""
-    windowed, full = tiny_models("mistral", "sdpa", 8), tiny_models("mistral", "sdpa", None)
+@pytest.mark.parametrize("arch,full_window", [("mistral", None), ("qwen2", None), ("gemma3", 512)])
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_sliding_window_is_kept(tiny_models, input_ids, arch, full_window, impl):
+    """A window of 8 < 24 tokens (Mistral: every layer; Qwen2: layer 1; Gemma-3: layer 0 of its
+    interleaved pattern) must survive the registered mask function, also with quantized attention."""
+    windowed, full = tiny_models(arch, impl, 8), tiny_models(arch, impl, full_window)
     full.load_state_dict(windowed.state_dict())
     assert not torch.allclose(_logits(windowed, input_ids), _logits(full, input_ids))
     ref = _logits(windowed, input_ids)
-    attach(windowed, QuantPlan())
+    handle = attach(windowed, QuantPlan())
     assert torch.equal(_logits(windowed, input_ids), ref)
+    handle.remove()
+    plan = QuantPlan.from_flags(k_bits=4, v_bits=4, p_bits=8, k_quant_post_rope=True)
+    attach(windowed, plan)
+    attach(full, plan)
+    assert not torch.allclose(_logits(windowed, input_ids), _logits(full, input_ids))
 
 
 def test_different_plan_needs_remove_first(tiny_models):
@@ -58,8 +69,9 @@ def test_different_plan_needs_remove_first(tiny_models):
         attach(model, QUANT)
 
 
-def test_weights_rtn_once_decoder_linears_only(tiny_models):
-    model = tiny_models()
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_weights_rtn_once_decoder_linears_only(tiny_models, arch):
+    model = tiny_models(arch)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     handle = attach(model, QUANT)
     lin = decoder_linears(model)
@@ -69,7 +81,7 @@ def test_weights_rtn_once_decoder_linears_only(tiny_models):
         mod = name.rsplit(".weight", 1)[0]
         if mod in lin:
             assert torch.equal(after[name], fake_quantize(w, QUANT.w)), name
-        else:  # embeddings, norms, lm_head untouched
+        else:  # embeddings, norms, biases, lm_head untouched
             assert torch.equal(after[name], w), name
     handle.remove()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
@@ -122,3 +134,18 @@ def test_sequence_shorter_than_the_residual_stays_full_precision(tiny_models, in
     attach(model, QuantPlan.from_flags(k_bits=2, v_bits=2, k_group_size=8, kv_quant_method=method,
                                        kv_residual_len=32, k_quant_post_rope=True))
     torch.testing.assert_close(_logits(model, input_ids), _logits(fp, input_ids), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_attention_logit_softcapping_is_refused_not_dropped(tiny_models, input_ids, impl):
+    """A model that passes softcap= to its attention function (Gemma-2 style) is refused by the quantized
+    attention; without quantized attention the family's own function computes it."""
+    from wkvaq_quant.modeling.attention import wkvaq_eager_attention, wkvaq_sdpa_attention
+
+    model = tiny_models("gemma3", impl)
+    attach(model, QuantPlan.from_flags(k_bits=4, v_bits=4))
+    attn = find_attention_modules(model)[0]
+    q, k = torch.randn(1, 4, 3, 32), torch.randn(1, 1, 3, 32)
+    fn = wkvaq_sdpa_attention if impl == "sdpa" else wkvaq_eager_attention
+    with pytest.raises(ValueError, match="soft-capping .softcap=50.0.*attn_logit_softcapping null"):
+        fn(attn, q, k, k.clone(), None, scaling=0.2, softcap=50.0)

@@ -3,7 +3,8 @@
 The reference loops over batch, heads and tokens, quantizes every vector with its own small
 quantizers (asymmetric INT with P3-LLM's integer zero point, or KIVI's float one; FP8 through
 torch's float8 dtype; E4M4 / E5M7 by explicit rounding) and is selected through transformers'
-AttentionInterface under its own name; pre-RoPE keys get their own k_proj hook. As in P3-LLM,
+AttentionInterface under its own name; pre-RoPE keys get their own hook, on k_proj, or on
+k_norm for Qwen3 / Gemma-3 (written here from their modeling code, not read from the registry). As in P3-LLM,
 against a residual (full-precision) token the query, key, P and value all stay full precision.
 Logits of the attached model must match within ATOL.
 """
@@ -138,19 +139,35 @@ def ref_attention(module, query, key, value, attention_mask, scaling, dropout=0.
     return out, None
 
 
+def _ref_pre_rope_keys(out: torch.Tensor, plan: QuantPlan) -> torch.Tensor:
+    """Pre-RoPE keys [B, T, C], one sequence at a time."""
+    return torch.stack([torch.mul(*ref_keys(out[b], plan)) for b in range(out.shape[0])])
+
+
+# where each family makes its key before RoPE, and how that output is laid out
+PRE_ROPE_TAPS = {
+    "LlamaForCausalLM": ("k_proj", lambda out, plan: _ref_pre_rope_keys(out, plan)),
+    "MistralForCausalLM": ("k_proj", lambda out, plan: _ref_pre_rope_keys(out, plan)),
+    "Qwen2ForCausalLM": ("k_proj", lambda out, plan: _ref_pre_rope_keys(out, plan)),
+    # k_norm(k_proj(x).view(B, T, Hkv, d)), transposed afterwards
+    "Qwen3ForCausalLM": ("k_norm", lambda out, plan: _ref_pre_rope_keys(out.flatten(2), plan).view(out.shape)),
+    # k_norm(k_proj(x).view(B, T, Hkv, d).transpose(1, 2)): [B, Hkv, T, d]
+    "Gemma3ForCausalLM": ("k_norm", lambda out, plan: _ref_pre_rope_keys(out.transpose(1, 2).flatten(2), plan)
+                          .view(out.shape[0], out.shape[2], out.shape[1], -1).transpose(1, 2)),
+}
+
+
 def _reference_model(model, plan: QuantPlan):
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
     AttentionInterface.register(REF, ref_attention)
     AttentionMaskInterface.register(REF, eager_mask)
+    tap, ref = PRE_ROPE_TAPS[type(model).__name__]
     for m in find_attention_modules(model):
         m.ref_plan = plan
         if not plan.kv.k_post_rope and (plan.k.enabled or plan.kv.k_scale or plan.kv.k_bias):
-            def hook(_mod, _inp, out):  # pre-RoPE keys, [B, T, C]
-                return torch.stack([torch.mul(*ref_keys(out[b], plan)) for b in range(out.shape[0])])
-
-            m.k_proj.register_forward_hook(hook)
+            m.get_submodule(tap).register_forward_hook(lambda _mod, _inp, out: ref(out, plan))
     model.set_attn_implementation(REF)
     return model
 
@@ -194,10 +211,21 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_matches_reference(tiny_models, input_ids, name):
+FAMILY_CASES = ["KTVT-k4v4-row-postrope", "KTVT-k4v4-headdim-prerope", "KTVT-k3v2-g8-residual5-postrope",
+                "KTVT-residual5-prerope", "KCVT-k4g8-prerope", "KCVT-k2g4-residual8-postrope", "q8g8-k4",
+                "kscale-prerope", "kbias-prerope", "kscale-kbias-residual-postrope-q8", "p8-v4-fold-row-residual3",
+                "perquery-kscale-kbias-p8-fold-r3", "kscale-kbias-prerope-eager", "KTVT-k4v4-residual1-prerope-q8-p8"]
+"""The cases every other family runs too (Qwen2: biases, window on layer 1 for pre-RoPE cases; Qwen3: k_norm;
+Gemma-3: k_norm in the heads layout, head_dim 32 with 1 KV head, query_pre_attn_scalar, sliding layer 0)."""
+PARAMS = [("llama", n) for n in CASES] + [(f, n) for f in ("qwen2", "qwen3", "gemma3") for n in FAMILY_CASES]
+
+
+@pytest.mark.parametrize("family,name", PARAMS)
+def test_matches_reference(tiny_models, input_ids, family, name):
     plan = CASES[name]
-    arch, window = ("mistral", 8) if "prerope" in name else ("llama", None)  # Mistral: sliding window 8
+    arch, window = family, None
+    if "prerope" in name and family in ("llama", "qwen2"):  # Mistral: sliding window 8; Qwen2: on layer 1
+        arch, window = ("mistral" if family == "llama" else family), 8
     impl = "eager" if name.endswith("-eager") else "sdpa"  # the model's own attention before attaching
     model = tiny_models(arch, impl, window)
     reference = _reference_model(tiny_models(arch, impl, window), plan)

@@ -13,6 +13,7 @@ from wkvaq_quant.mix_bits import parse_quant_config
 from wkvaq_quant.modeling import attach
 from wkvaq_quant.modeling.attach import block_linears, decoder_blocks
 from wkvaq_quant.modeling.attention import STATE_ATTR
+from tests.modeling.conftest import FAMILIES
 from wkvaq_quant.quantize import fake_quantize
 
 MIXED = """
@@ -68,9 +69,10 @@ def _plan(text: str, base: QuantPlan | None = None) -> QuantPlan:
 
 
 @torch.no_grad()
-def test_mixed_map_equals_quantization_by_hand(tiny_models, input_ids):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixed_map_equals_quantization_by_hand(tiny_models, input_ids, family):
     plan = _plan(MIXED)
-    model, by_hand, uniform = tiny_models(), tiny_models(), tiny_models()
+    model, by_hand, uniform = tiny_models(family), tiny_models(family), tiny_models(family)
     assert {(b, s) for b, s, _, _ in block_linears(by_hand)} == set(BY_HAND)
     for block, short, _, lin in block_linears(by_hand):
         w, a = BY_HAND[block, short]
@@ -85,7 +87,7 @@ def test_mixed_map_equals_quantization_by_hand(tiny_models, input_ids):
     attach(uniform, QuantPlan(w=W4, a=A8))
     assert not torch.allclose(out, uniform(input_ids).logits)  # the map changed the numbers
     handle.remove()
-    assert torch.equal(model(input_ids).logits, tiny_models()(input_ids).logits)
+    assert torch.equal(model(input_ids).logits, tiny_models(family)(input_ids).logits)
 
 
 def _block_outputs(model, input_ids, replace_input: dict | None = None) -> list[torch.Tensor]:
@@ -105,7 +107,8 @@ def _block_outputs(model, input_ids, replace_input: dict | None = None) -> list[
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_kv_bits_of_one_block(tiny_models, input_ids, impl):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kv_bits_of_one_block(tiny_models, input_ids, impl, family):
     """k_bits / v_bits on block 1 only: block 0 is exactly full precision, block 1 exactly the KV4 attention."""
     plan = _plan("quant:\n  mix_bits:\n    kv:\n      layer_name: [k_proj#1]\n      k_bits: 4\n      v_bits: 4\n",
                  QuantPlan.from_flags(k_group_size=16, v_group_size=16))
@@ -113,7 +116,7 @@ def test_kv_bits_of_one_block(tiny_models, input_ids, impl):
     assert plan.block_plan(1) == kv4 and plan.block_plan(0) == QuantPlan.from_flags(k_group_size=16, v_group_size=16)
     assert plan.quantizes_attention and not plan.is_full_precision and not plan.needs_eager
     assert plan.linear_args(1, "k_proj") == (plan.w, plan.a)  # a KV-only setting leaves the Linears alone
-    fp, mixed, full = tiny_models("llama", impl), tiny_models("llama", impl), tiny_models("llama", impl)
+    fp, mixed, full = tiny_models(family, impl), tiny_models(family, impl), tiny_models(family, impl)
     attach(mixed, plan)
     attach(full, kv4)
     states = [getattr(m, STATE_ATTR).plan for m in (b.self_attn for b in decoder_blocks(mixed))]

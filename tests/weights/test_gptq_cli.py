@@ -7,6 +7,7 @@ import json
 import pytest
 
 import main as main_module
+from tests.conftest import FAMILY_CHECKPOINTS
 from tests.helpers import main_argv
 from wkvaq_quant.cli import parse_config
 from wkvaq_quant.plan import QuantPlan
@@ -129,13 +130,19 @@ def test_layer_wise_flags_refused_before_loading(tmp_path, tiny_llama, capsys, n
     assert match in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("algo,extra", [("rtn", ()), ("gptq", ()), ("gptq", ("--offload_activations",)),
-                                        ("awq", ("--n_grid", "4"))],
-                         ids=["rtn", "gptq", "gptq-offload", "awq"])
-def test_layer_wise_checkpoint_evaluates_like_the_in_memory_run(tmp_path, tiny_llama, isolated_cache, capsys, algo,
-                                                                extra):
+_LW_RUNS = [("tiny_llama", "rtn", ()), ("tiny_llama", "gptq", ()), ("tiny_llama", "gptq", ("--offload_activations",)),
+            ("tiny_llama", "awq", ("--n_grid", "4"))]
+_LW_RUNS += [(f, algo, extra) for f in FAMILY_CHECKPOINTS for algo, extra in (("gptq", ()), ("awq", ("--n_grid", "4")))]
+
+
+@pytest.mark.parametrize("fixture,algo,extra", _LW_RUNS,
+                         ids=[f"{f.removeprefix('tiny_')}-{a}{'-offload' if e and e[0] == '--offload_activations' else ''}"
+                              for f, a, e in _LW_RUNS])
+def test_layer_wise_checkpoint_evaluates_like_the_in_memory_run(request, tmp_path, isolated_cache, capsys, fixture,
+                                                                algo, extra):
+    ckpt = request.getfixturevalue(fixture)
     out = tmp_path / "quant"
-    argv = main_argv(tiny_llama, tmp_path / "lw", *RUN, "--weight_algo", algo, "--layer_wise", "--save_quant", str(out),
+    argv = main_argv(ckpt, tmp_path / "lw", *RUN, "--weight_algo", algo, "--layer_wise", "--save_quant", str(out),
                      *extra)
     assert main_module.main(argv) == 0
     printed = capsys.readouterr().out
@@ -145,6 +152,6 @@ def test_layer_wise_checkpoint_evaluates_like_the_in_memory_run(tmp_path, tiny_l
     assert main_module.main(argv) == 0  # complete: nothing to do again
     assert main_module.main(main_argv(out, tmp_path / "eval", *BASE)) == 0
     mem = [f for f in extra if f != "--offload_activations"]
-    assert main_module.main(main_argv(tiny_llama, tmp_path / "mem", *RUN, "--weight_algo", algo, *mem)) == 0
+    assert main_module.main(main_argv(ckpt, tmp_path / "mem", *RUN, "--weight_algo", algo, *mem)) == 0
     assert _ppl(tmp_path, "eval")["results"]["wiki_sample"]["ppl"] == \
         pytest.approx(_ppl(tmp_path, "mem")["results"]["wiki_sample"]["ppl"], rel=1e-6)

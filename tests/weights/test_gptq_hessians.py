@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from tests.modeling.conftest import build_tiny
+from tests.modeling.conftest import FAMILIES, build_tiny
 from wkvaq_quant.arch import ARCHS
 from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.modeling.attach import block_linears, decoder_blocks
@@ -18,7 +18,7 @@ from wkvaq_quant.weights.gptq import GptqConfig, HessianAccumulator, gptq_quanti
     group_hessians
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral"])
+@pytest.fixture(scope="module", params=FAMILIES)
 def base(request):
     return build_tiny(request.param)
 

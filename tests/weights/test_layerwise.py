@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from tests.conftest import make_tiny_checkpoint
+from tests.conftest import FAMILY_CHECKPOINTS, make_tiny_checkpoint
 from wkvaq_quant.config import QuantArgs
 from wkvaq_quant.plan import LayerMap, LayerTarget, MixSetting, QuantPlan
 from wkvaq_quant.weights import layerwise as lw, safetensors_io as sio
@@ -74,7 +74,7 @@ AWQ = WeightAlgo("awq", awq=AwqSearchConfig(n_grid=5, n_sample_token=16))
 PER_TENSOR = dataclasses.replace(PLAN, w=QuantArgs(bits=4, target="weight", granularity="per_tensor"))
 
 
-@pytest.mark.parametrize("ckpt", ["src", "tied"])
+@pytest.mark.parametrize("ckpt", ["src", "tied", *FAMILY_CHECKPOINTS])
 @pytest.mark.parametrize("plan", [PLAN, dataclasses.replace(PLAN, layers=OFF), PER_TENSOR],
                          ids=["plain", "mix", "per_tensor"])
 @pytest.mark.parametrize("chunk", [None, 200], ids=["whole", "chunked"])
@@ -90,7 +90,7 @@ def test_rtn_layer_wise_equals_in_memory(request, tmp_path, monkeypatch, ckpt, p
     assert (tmp_path / "out" / "config.json").is_file()
 
 
-@pytest.mark.parametrize("ckpt", ["src", "tied"])
+@pytest.mark.parametrize("ckpt", ["src", "tied", *FAMILY_CHECKPOINTS])
 @pytest.mark.parametrize("nxt", ["quantized", "fp"])
 def test_gptq_layer_wise_equals_in_memory(request, tmp_path, ids, ckpt, nxt):
     path = request.getfixturevalue(ckpt)
@@ -117,7 +117,7 @@ def test_gptq_single_pass_layer_wise_equals_in_memory_and_resumes_either_way(tie
     assert state["complete"] and "already complete" in said[0]
 
 
-@pytest.mark.parametrize("ckpt", ["src", "tied"])
+@pytest.mark.parametrize("ckpt", ["src", "tied", *FAMILY_CHECKPOINTS])
 @pytest.mark.parametrize("search_dtype", ["model", "bfloat16"])
 def test_awq_layer_wise_equals_in_memory(request, tmp_path, ids, ckpt, search_dtype):
     """Layer-wise AWQ (search, fold, clip, RTN per block) == run_awq on the whole model + RTN."""

@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 
-from tests.modeling.conftest import build_tiny
+from tests.modeling.conftest import FAMILIES, build_tiny
 from wkvaq_quant.plan import LayerMap, LayerTarget, MixSetting, QuantPlan
 from wkvaq_quant.modeling.attach import block_linears, decoder_blocks
 from wkvaq_quant.weights.blocks import BlockInputs, PausedForwards, capture_block_inputs, run_block
@@ -20,7 +20,7 @@ from wkvaq_quant.weights.gptq import GptqConfig, gptq_block, gptq_quantize
 PLAN = QuantPlan.from_flags(w_bits=3, w_group_size=16)
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral"])
+@pytest.fixture(scope="module", params=FAMILIES)
 def base(request):
     return build_tiny(request.param)
 

@@ -2,8 +2,9 @@
 
 - W: RTN fake quantization of every decoder Linear (q/k/v/o_proj, gate/up/down_proj), once.
 - A: forward pre-hooks fake-quantize the inputs of those Linears per token.
-- K before RoPE: a forward hook on k_proj's output (default); after RoPE: in the attention
-  function (`--k_quant_post_rope`).
+- K before RoPE: a forward hook on the output of the module that makes the key just before
+  RoPE (k_proj, or k_norm in Qwen3 / Gemma-3; default); after RoPE: in the attention function
+  (`--k_quant_post_rope`).
 - Q, V, P: inside the registered attention function (see attention.py), selected through
   `model.set_attn_implementation`.
 
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.arch import arch_of
 from wkvaq_quant.modeling.attention import EAGER, SDPA, STATE_ATTR, LayerState, register_attention_functions
-from wkvaq_quant.modeling.kv import key_stats, quantize_keys
+from wkvaq_quant.modeling.kv import heads_to_tokens, key_stats, quantize_keys, tokens_to_heads
 from wkvaq_quant.quantize import fake_quantize
 
 __all__ = ["AttachHandle", "attach", "quantize_block_weights", "find_cache", "block_linears", "decoder_blocks", "decoder_linears", "find_attention_modules"]
@@ -131,10 +132,29 @@ def _track_cache(module: nn.Module, args: tuple, kwargs: dict) -> None:
     state.past_len = int(cache.get_seq_length(module.layer_idx)) if cache is not None else 0
 
 
-def _pre_rope_key_hook(state: LayerState):
+def _to_tokens(x: Tensor, layout: str) -> Tensor:
+    """The pre-RoPE key tap's output in its layout (arch.KEY_LAYOUTS) -> [B, T, Hkv*d]."""
+    if layout == "tokens":
+        return x
+    if layout == "token_heads":  # [B, T, Hkv, d]
+        return x.flatten(2)
+    return heads_to_tokens(x)  # [B, Hkv, T, d]
+
+
+def _from_tokens(x: Tensor, like: Tensor, layout: str) -> Tensor:
+    """[B, T, Hkv*d] -> the layout and shape of `like` (inverse of _to_tokens)."""
+    if layout == "tokens":
+        return x
+    if layout == "token_heads":
+        return x.view(like.shape)
+    return tokens_to_heads(x, like.shape[1])
+
+
+def _pre_rope_key_hook(state: LayerState, layout: str = "tokens"):
     plan = state.plan
 
-    def hook(_mod: nn.Module, _inputs: tuple, out: Tensor) -> Tensor:
+    def hook(_mod: nn.Module, _inputs: tuple, raw: Tensor) -> Tensor:
+        out = _to_tokens(raw, layout)
         if state.prefill:
             state.k_stats = key_stats(out, plan)
         elif plan.k.enabled and (plan.kv.residual_len or plan.kv.method == "KCVT"):
@@ -144,7 +164,7 @@ def _pre_rope_key_hook(state: LayerState):
                 "as tokens age; add --k_quant_post_rope (or use --kv_residual_len 0 with KTVT)"
             )
         k, s = quantize_keys(out, plan, state.k_stats)
-        return k if s is None else k * s
+        return _from_tokens(k if s is None else k * s, raw, layout)
 
     return hook
 
@@ -231,14 +251,13 @@ def attach(model: nn.Module, plan: QuantPlan, keep_originals: bool = True, weigh
     for m in attn_modules:
         setattr(m, STATE_ATTR, LayerState(plan=plan.block_plan(m.layer_idx)))
         handle._hooks.append(m.register_forward_pre_hook(_track_cache, with_kwargs=True))
-    # K before RoPE: on the output [B, T, Hkv*d] of the family's key Linear (k_proj)
+    # K before RoPE: on the output of the module that makes the key just before RoPE (k_proj, k_norm)
     arch = arch_of(model)
-    key_linear = arch.linear_path(arch.pre_rope_key).removeprefix(f"{arch.attention}.")
     for m in attn_modules:
         bp = getattr(m, STATE_ATTR).plan
         if not bp.kv.k_post_rope and (bp.k.enabled or bp.kv.k_scale or bp.kv.k_bias):
-            hook = _pre_rope_key_hook(getattr(m, STATE_ATTR))
-            handle._hooks.append(m.get_submodule(key_linear).register_forward_hook(hook))
+            hook = _pre_rope_key_hook(getattr(m, STATE_ATTR), arch.pre_rope_key_layout)
+            handle._hooks.append(m.get_submodule(arch.pre_rope_key).register_forward_hook(hook))
     handle._attn_modules = attn_modules
     if target is not None:
         register_attention_functions()

@@ -101,10 +101,20 @@ def quantize_qkv(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
     return query, key, value, u, s_v
 
 
+def _check_no_softcap(module: nn.Module, kwargs: dict) -> None:
+    """Attention-logit soft-capping (tanh(S / c) * c; Gemma-2's, a Gemma-3 config field its 5.24 attention
+    does not pass) is not computed by the quantized attention: refuse it rather than drop it."""
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"{type(module).__name__} passes attention-logit soft-capping (softcap={kwargs['softcap']}), "
+                         f"which the quantized attention does not compute; allowed: a model without it "
+                         f"(attn_logit_softcapping null), or --q/k/v/p_bits 16")
+
+
 def wkvaq_sdpa_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                          attention_mask: Tensor | None, **kwargs) -> tuple[Tensor, None]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    _check_no_softcap(module, kwargs)
     query, key, value, _, _ = quantize_qkv(module, query, key, value)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
@@ -249,6 +259,7 @@ def wkvaq_eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
     if plan is None or not plan.quantizes_attention:  # nothing to quantize: the family's own eager math
         return arch_of(module).eager_attention(module, query, key, value, attention_mask, scaling=scaling,
                                                dropout=dropout, **kwargs)
+    _check_no_softcap(module, kwargs)
     if plan.kv.residual_len and not (plan.kv.post_attn and state.prefill):
         state.check_call(query, key)
         return _residual_attention(module, state, query, key, value, attention_mask, scaling, dropout)

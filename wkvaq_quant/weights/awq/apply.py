@@ -10,11 +10,12 @@ __all__ = ["clip_weight", "fold_scales", "group_columns"]
 
 
 @torch.no_grad()
-def fold_scales(prev: nn.Module, linears: list[nn.Linear], scales: Tensor) -> None:
+def fold_scales(prev: nn.Module, linears: list[nn.Linear], scales: Tensor, norm_offset: float = 0.0) -> None:
     """prev's output channels / s, each linear's input channels * s: exact in exact arithmetic.
 
-    prev is a norm (weight and optional bias of size C) or a Linear whose last C output rows feed
-    the linears.
+    prev is a norm (weight and optional bias of size C) or a Linear (weight and bias) whose last C
+    output rows feed the linears. A norm that multiplies by (norm_offset + w) (Gemma's RMSNorm:
+    1 + w; the family's `Arch.norm_offset`) gets w' = (norm_offset + w) / s - norm_offset.
     """
     c = scales.numel()
     for lin in linears:
@@ -32,7 +33,10 @@ def fold_scales(prev: nn.Module, linears: list[nn.Linear], scales: Tensor) -> No
         if w is None or w.shape != (c,):
             raise ValueError(f"cannot fold AWQ scales of size {c} into {type(prev).__name__} "
                              f"(weight shape {None if w is None else tuple(w.shape)})")
-        w.div_(scales.to(w.device, w.dtype))
+        if norm_offset:
+            w.add_(norm_offset).div_(scales.to(w.device, w.dtype)).sub_(norm_offset)
+        else:
+            w.div_(scales.to(w.device, w.dtype))
         b = getattr(prev, "bias", None)
         if b is not None:
             b.div_(scales.to(b.device, b.dtype))

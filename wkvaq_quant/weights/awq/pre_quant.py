@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from wkvaq_quant.arch import arch_of
 from wkvaq_quant.weights.awq.apply import clip_weight, fold_scales
 from wkvaq_quant.weights.awq.auto_clip import search_clip
 from wkvaq_quant.weights.awq.auto_scale import search_scale
@@ -65,7 +66,8 @@ def awq_block(block: nn.Module, prefix: str, index: int, inputs: BlockInputs, pl
     feats = collect_features(block, inputs, device, lin_names, [attn, mlp], linear_outputs=search_dtype is not None)
     for g in groups:
         found = search_scale(block, g, feats, w_args, n_grid, search_dtype, a_args)
-        fold_scales(block.get_submodule(g.prev), [block.get_submodule(n) for n in g.layers], found.scales)
+        fold_scales(block.get_submodule(g.prev), [block.get_submodule(n) for n in g.layers], found.scales,
+                    arch_of(block).norm_offset)
         feats.divide_inputs(g.layers, found.scales)
         out["scale"][f"{prefix}.{g.prev}"] = {"layers": [f"{prefix}.{n}" for n in g.layers], "scales": found.scales,
                                               "alpha": found.alpha}
@@ -129,7 +131,8 @@ def apply_awq(model: nn.Module, cache: dict[str, Any]) -> None:
     missing += [n for n in cache["clip"] if n not in modules]
     if missing:
         raise ValueError(f"AWQ cache names modules this model does not have: {missing[:3]}")
+    offset = arch_of(model).norm_offset
     for prev, entry in cache["scale"].items():
-        fold_scales(modules[prev], [modules[n] for n in entry["layers"]], entry["scales"])
+        fold_scales(modules[prev], [modules[n] for n in entry["layers"]], entry["scales"], offset)
     for name, entry in cache["clip"].items():
         clip_weight(modules[name], entry["max_val"], entry["group_size"])
