@@ -287,8 +287,9 @@ def run(cfg: RunConfig, log=print) -> dict:
         model, load_s, algo_s = _loaded(cfg, source, algo, calib, log)
         evaluated = ((name, evaluate_perplexity(model, windows[name], cfg.batch_size, desc=name,
                                                 progress=cfg.progress)) for name in todo)
-    if cfg.plan.layers is not None:  # per-layer maps: the bits of every layer, recorded
-        record["layer_bits"] = layer_bits_table(cfg.plan, model_depth(source, cfg.trust_remote_code))
+    layer_bits = layer_bits_table(cfg.plan, model_depth(source, cfg.trust_remote_code))  # per-layer plans only
+    if layer_bits:
+        record["layer_bits"] = layer_bits
     for name, res in evaluated:
         record["results"][name] = {**res.to_dict(), "available_windows": available[name],
                                    "source": text_sources[name].describe()}
