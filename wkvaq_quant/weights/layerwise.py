@@ -179,14 +179,14 @@ def _read_outside(sk: _Skeleton, ckpt: SafetensorsCheckpoint, dtype: torch.dtype
     for module in model.modules():
         meta_buffers = [n for n, b in module.named_buffers(recurse=False) if b.is_meta and id(b) not in in_blocks]
         if meta_buffers:  # non-persistent buffers (rotary inv_freq, Gemma's embedding scale)
-            _init_buffers(model, module, meta_buffers)
+            _init_buffers(model, module, meta_buffers, ckpt.what)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
             if t.is_meta and not n.startswith(_block_prefixes(sk)) and n not in head_keys]
     if left:
         raise ValueError(f"{ckpt.what}: the checkpoint in {ckpt.dir} lacks {', '.join(left[:3])}")
 
 
-def _init_buffers(model: nn.Module, module: nn.Module, names: list[str]) -> None:
+def _init_buffers(model: nn.Module, module: nn.Module, names: list[str], what: str = "--layer_wise") -> None:
     """Compute a module's non-persistent buffers as transformers does after loading from meta: real
     placeholders (NaN), then the model's `_init_weights`, which skips every tensor flagged
     `_is_hf_initialized` (here: the module's loaded parameters and buffers). A buffer it leaves
@@ -199,7 +199,7 @@ def _init_buffers(model: nn.Module, module: nn.Module, names: list[str]) -> None
     model._init_weights(module)
     left = [n for n in names if module._buffers[n].isnan().any()]
     if left:
-        raise ValueError(f"--layer_wise: {type(module).__name__}'s buffers {left} could not be computed")
+        raise ValueError(f"{what}: {type(module).__name__}'s buffers {left} could not be computed")
 
 
 def _block_prefixes(sk: _Skeleton) -> tuple[str, ...]:
