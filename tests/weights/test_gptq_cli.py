@@ -115,7 +115,7 @@ def test_gptq_run_end_to_end_and_from_yaml(tmp_path, tiny_llama, isolated_cache)
     (["--layer_wise"], "--layer_wise needs --save_quant DIR"),
     (["--save_quant", "x"], "--save_quant DIR is written by --layer_wise"),
     (["--layer_wise", "--save_quant", "x", "--a_bits", "8"], "--layer_wise writes quantized weights only"),
-    (["--layer_wise", "--save_quant", "x", "--offload_activations"], "--offload_activations keeps the calibration"),
+    (["--layer_wise", "--save_quant", "x", "--offload_activations"], "--offload_activations keeps activations on disk"),
     (["--weight_algo", "gptq", "--offload_activations"], "allowed with: --layer_wise --weight_algo gptq"),
     (["--layer_wise", "--save_quant", "x", "--weight_algo", "gptq", "--gptq_single_pass", "--offload_activations"],
      "--offload_activations with --gptq_single_pass"),
