@@ -69,9 +69,8 @@ def check_device_map(device_map: str | dict, max_memory: dict | None, device: st
         raise ValueError("--device_map places the model across GPUs: it needs --device cuda (and CUDA here)")
     if gpus == 0:
         raise ValueError("--device_map: no CUDA device is available here; allowed: without --device_map on CPU")
-    for what, mapping in (("--device_map", device_map if isinstance(device_map, dict) else {}),
-                          ("--max_memory", max_memory or {})):
-        wanted = sorted({d for d in mapping.values() if isinstance(d, int)} if what == "--device_map"
-                        else {d for d in mapping if isinstance(d, int)})
-        if wanted and wanted[-1] >= gpus:
-            raise ValueError(f"{what} names GPU {wanted[-1]}, but only {gpus} GPU(s) are here (0-{gpus - 1})")
+    for what, named in (("--device_map", device_map.values() if isinstance(device_map, dict) else ()),
+                        ("--max_memory", max_memory or ())):
+        gpu = max((d for d in named if isinstance(d, int)), default=-1)
+        if gpu >= gpus:
+            raise ValueError(f"{what} names GPU {gpu}, but only {gpus} GPU(s) are here (0-{gpus - 1})")

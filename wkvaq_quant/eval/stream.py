@@ -28,6 +28,7 @@ block a state file records the finished block, so a killed run resumes with the 
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -47,8 +48,9 @@ from wkvaq_quant.modeling.attach import attach, quantize_block_weights
 from wkvaq_quant.plan import QuantPlan
 from wkvaq_quant.results import atomic_write_json
 from wkvaq_quant.weights.blocks import block_output, move_tensors, outside_modules
-from wkvaq_quant.weights.layerwise import (SafetensorsCheckpoint, _assign_block, _block_tensor_names,
-                                           _read_outside, _release_block, _release_outside, _skeleton, read_converted)
+from wkvaq_quant.weights.layerwise import (SafetensorsCheckpoint, _assign_block, _block_tensor_names, _copy_specs,
+                                           _read_outside, _release_block, _release_outside, _skeleton, module_keys,
+                                           read_converted)
 
 __all__ = ["STREAM_STATE", "StreamBatch", "check_streamable", "refuse_hub", "stream_perplexity"]
 
@@ -76,17 +78,11 @@ def check_streamable(source) -> SafetensorsCheckpoint:
 def _check_tensors(sk, ckpt: SafetensorsCheckpoint) -> None:
     """Every tensor the model needs is in the shards with the shape its config gives (the head may
     be tied to the embeddings); refused before any is read."""
-    tied = getattr(sk.model.config, "tie_word_embeddings", False)
-    head = sk.model.get_output_embeddings()
-    names = {id(m): n for n, m in sk.model.named_modules()}
-    head_keys = {f"{names[id(head)]}.{k}" for k in head.state_dict()} if head is not None and tied else set()
-    for name, t in sk.model.state_dict().items():
-        if name in head_keys:
-            continue
-        e = ckpt.entry(name)
-        if e.shape != tuple(t.shape):
-            raise ValueError(f"{FLAG}: {name} has shape {e.shape} in {e.file}, the model config says "
-                             f"{tuple(t.shape)}")
+    model = sk.model
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    head = module_keys(model, model.get_output_embeddings()) if tied else set()
+    shapes = {k: tuple(t.shape) for k, t in model.state_dict().items() if k not in head}
+    _copy_specs(ckpt, list(shapes), torch.float32, shapes)  # the checks only (each name present, its shape)
 
 
 @dataclass
@@ -152,8 +148,7 @@ def _record_inputs(model: nn.Module, blocks: list[nn.Module], batches: list[Stre
     """Per batch the keyword arguments of every block; block 0's hidden states go to `put`."""
     share, kwargs = _Shared(), []
     current: list[dict[str, Any]] = []
-
-    returned: list[Tensor] = []
+    returned: list[Tensor] = []  # what the previous block handed on
 
     def record(i: int, hidden: Tensor, kw: dict[str, Any]) -> Tensor:
         if i == 0 and put is not None:
@@ -182,7 +177,7 @@ def _record_inputs(model: nn.Module, blocks: list[nn.Module], batches: list[Stre
 
 class _Hidden:
     """The hidden states of every batch between blocks: in memory, or one file per batch under
-    `directory` (a generation directory per block; `load` reads one back)."""
+    `directory` (a generation directory per block; `get` reads one back)."""
 
     def __init__(self, directory: Path | None) -> None:
         self.directory = directory
@@ -249,7 +244,7 @@ class _Reader:
             current.wait_event(event)
             for t in tensors.values():
                 t.record_stream(current)
-        return {k: v.to(self.device) for k, v in tensors.items()}
+        return tensors  # on the device already (read there on CPU, copied on CUDA)
 
     def close(self) -> None:
         if self.pool is not None:
@@ -368,19 +363,20 @@ def stream_perplexity(checkpoint: str | Path, plan: QuantPlan, batches: list[Str
 def _trim() -> None:
     """Give freed heap memory back to the system (glibc keeps the freed blocks' pages otherwise, and
     the process would grow by a block's worth over the run); a no-op without glibc."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_malloc_trim = None
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def _outside_to(sk, device: torch.device) -> None:

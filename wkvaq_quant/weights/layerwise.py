@@ -157,20 +157,23 @@ def _skeleton(ckpt: SafetensorsCheckpoint, trust_remote_code: bool, attn_impleme
     return _Skeleton(model, blocks, prefixes)
 
 
+def module_keys(model: nn.Module, module: nn.Module | None) -> set[str]:
+    """The state-dict names, within `model`, of `module`'s tensors (none for None)."""
+    if module is None:
+        return set()
+    prefix = next(n for n, m in model.named_modules() if m is module)
+    return {f"{prefix}.{k}" if prefix else k for k in module.state_dict()}
+
+
 def _read_outside(sk: _Skeleton, ckpt: SafetensorsCheckpoint, dtype: torch.dtype, head: bool = False,
                   embeddings: bool = True) -> None:
     """Read in the modules outside the decoder blocks (embeddings, rotary embedding, final norm),
     the head too with `head`, the input embeddings only with `embeddings` (or when tied to the head)."""
     model, blocks = sk.model, sk.blocks
     config = model.config
-    names = {id(m): n for n, m in model.named_modules()}
     tied = getattr(config, "tie_word_embeddings", False)
-
-    def keys(m) -> set[str]:
-        return {f"{names[id(m)]}.{k}" for k in m.state_dict()} if m is not None else set()
-
-    head_keys = (keys(model.get_output_embeddings()) if not tied and not head else set()) | \
-        (keys(model.get_input_embeddings()) if not tied and not embeddings else set())
+    head_keys = (module_keys(model, model.get_output_embeddings()) if not tied and not head else set()) | \
+        (module_keys(model, model.get_input_embeddings()) if not tied and not embeddings else set())
     outside = [k for k in model.state_dict() if not k.startswith(_block_prefixes(sk)) and k not in head_keys]
     model.load_state_dict(ckpt.read([k for k in outside if k in ckpt.entries], dtype), strict=False, assign=True)
     if tied:
@@ -268,7 +271,7 @@ def _copy_specs(ckpt: SafetensorsCheckpoint, names: list[str], dtype: torch.dtyp
     for n in names:
         e = ckpt.entry(n)
         if shapes is not None and tuple(shapes[n]) != e.shape:
-            raise ValueError(f"--layer_wise: {n} has shape {e.shape} in {e.file}, the model config says "
+            raise ValueError(f"{ckpt.what}: {n} has shape {e.shape} in {e.file}, the model config says "
                              f"{tuple(shapes[n])}")
         specs.append((n, dtype if e.dtype.is_floating_point else e.dtype, e.shape))
     return specs
