@@ -101,8 +101,8 @@ def main() -> None:
     threads = os.environ.get("OMP_NUM_THREADS", "default")
     missing = [label for label, _, _ in SETTINGS if label not in ppl]
     status = (f"Rows marked *not run* ({len(missing)} of {len(SETTINGS)}) did not finish within this measurement's CPU "
-              f"time (on 2 shared cores one calibrated row of 8 windows took about half an hour: GPTQ W4's run time "
-              f"above); the command below runs them, reusing the finished rows from `--work`." if missing else
+              f"time (a calibrated row of 8 windows takes up to half an hour on 2 cores: the GPTQ and AWQ "
+              f"run times above); the command below runs them, reusing the finished rows from `--work`." if missing else
               "Every row ran.")
     section = f"""{SECTION}
 
@@ -111,7 +111,8 @@ tensors, so "FP" is itself a 4-8-bit model), perplexity on the first {args.n_win
 windows x 2048 tokens (BOS first, as Gemma is trained). GPTQ: 32 calibration windows x 512 tokens, AWQ: 8 x 256
 (seed 0, wiki_sample's calibration split), the project's defaults otherwise; asymmetric INT with an integer zero
 point. "vs": the row the ratio divides by; run time: the run's own `total_s` (loading, calibration,
-quantization, evaluation). On the CPU with OMP_NUM_THREADS={threads} (2 cores shared with other work).
+quantization, evaluation), on the CPU with OMP_NUM_THREADS={threads}; a row reused from `--work` keeps the run time of
+the session that ran it (the recorded rows ran one at a time on otherwise idle cores).
 
 {chr(10).join(rows)}
 
