@@ -41,6 +41,8 @@ SETTINGS: list[tuple[str, str, str | None]] = [
     ("KV4 KTVT g64, pre-RoPE keys (after k_norm)", KV4, "FP"),
     ("KV4 KCVT (32-token groups) + r32", "--k_bits 4 --v_bits 4 --k_group_size 32 --v_group_size 64 "
                                          "--kv_quant_method KCVT --kv_residual_len 32", "FP"),
+    ("A8 FP8 E4M3 per token", "--a_bits 8", "FP"),
+    ("A8 INT per token", "--a_bits 8 --a_dtype int", "FP"),
     ("W4A8KV4 (Q8)", W4A8KV4, "FP"),
     ("W4A8KV4 (Q8) + k-scale", f"{W4A8KV4} --apply_k_scale", "W4A8KV4 (Q8)"),
 ]
