@@ -217,8 +217,8 @@ def main() -> int:
         checks.run(f"{dtype} streamed W4A8KV4 equals in memory", streamed)
 
         def generation():
-            plan = QuantPlan.from_flags(k_bits=4, v_bits=4, k_group_size=64 if cuda else 16, v_group_size=64 if cuda else 16,
-                                k_quant_post_rope=True, kv_residual_len=0)
+            plan = QuantPlan.from_flags(k_bits=4, v_bits=4, k_group_size=64 if cuda else 16,
+                                        v_group_size=64 if cuda else 16, k_quant_post_rope=True, kv_residual_len=0)
             model, _ = load_model(source, dtype, device, "sdpa")
             attach(model, plan, keep_originals=False)
             prompt = ids[:1, :32].to(device)

@@ -116,11 +116,9 @@ def rss_rows(work: Path, specs: list[str], floor_mb: float, whole_runs: bool = T
         st = run_main(_flags(src, n, t, "--dtype", "float32", "--stream_blocks"), work / "rss")
         bound = _bound_mb(shape, floor_mb, n, t)
         whole, whole_label = None, ""
-        if not whole_runs:
-            pass
-        elif 4 * _n_params(src) / 2**30 * 1.1 < MEMORY_GIB:  # FP32 weights, as streamed, with the same windows
+        if whole_runs and 4 * _n_params(src) / 2**30 * 1.1 < MEMORY_GIB:  # FP32 weights, as streamed, same windows
             whole, whole_label = run_main(_flags(src, n, t, "--dtype", "float32"), work / "rss"), f"FP32, {n} x {t}"
-        elif gib * 1.1 < MEMORY_GIB:  # BF16 weights; BF16 products are slow here: one short window
+        elif whole_runs and gib * 1.1 < MEMORY_GIB:  # BF16 weights; BF16 products are slow here: one short window
             whole, whole_label = run_main(_flags(src, 1, 64, "--dtype", "bfloat16"), work / "rss"), "BF16, 1 x 64"
         params = _n_params(src)
         w = (f"{whole['peak_rss_mb'] / 1024:.2f} GiB ({whole_label})" if whole

@@ -17,10 +17,8 @@ DTYPE="${DTYPE:-float32}"
 RESULTS_DIR="${RESULTS_DIR:-results/quickstart}"
 
 case "$MODEL" in
-  smollm2-135m) title="SmolLM2-135M"
-    note="the embedded model's weights were stored as 4-bit Q4_1 (blocks of 32); its FP baseline already sits on a 4-bit grid." ;;
-  gemma3-270m) title="Gemma-3-270M"
-    note="the embedded model's weights come from a Q4_K_M GGUF (Q5_0 / Q4_K / Q6_K / Q8_0 tensors); its FP baseline is itself a 4-8-bit model." ;;
+  smollm2-135m) title="SmolLM2-135M" ;;
+  gemma3-270m) title="Gemma-3-270M" ;;
   *) echo "MODEL=$MODEL: allowed values are smollm2-135m, gemma3-270m (the embedded models)" >&2; exit 2 ;;
 esac
 
@@ -44,4 +42,4 @@ done
 echo
 echo "$title on wiki_sample, ${N_WINDOWS} windows x ${SEQ_LEN} tokens (results in $RESULTS_DIR/; python -m wkvaq_quant.report):"
 "$PY" -m wkvaq_quant.report "$RESULTS_DIR" --model "$MODEL"
-echo "note: $note"
+"$PY" -c "import sys; from wkvaq_quant.models import MODEL_REGISTRY; print('note: ' + MODEL_REGISTRY[sys.argv[1]].note)" "$MODEL"

@@ -228,8 +228,8 @@ def run(cfg: RunConfig, log=print) -> dict:
     started = time.perf_counter()
     if cfg.stream_blocks:
         refuse_hub(resolve_model(cfg.model))  # before asking the hub about it
-    source, _ = prepare_model(cfg.model, cfg.device, cfg.plan, cfg.trust_remote_code, f"--config {cfg.config_file}",
-                              seq_len=cfg.seq_len if cfg.datasets else None)
+    source, depth = prepare_model(cfg.model, cfg.device, cfg.plan, cfg.trust_remote_code, f"--config {cfg.config_file}",
+                                  seq_len=cfg.seq_len if cfg.datasets else None)
     check_attn_implementation(cfg.attn_implementation, cfg.device)
     if cfg.device_map:
         check_device_map(parse_device_map(cfg.device_map), parse_max_memory(cfg.max_memory) if cfg.max_memory else None,
@@ -287,7 +287,8 @@ def run(cfg: RunConfig, log=print) -> dict:
         model, load_s, algo_s = _loaded(cfg, source, algo, calib, log)
         evaluated = ((name, evaluate_perplexity(model, windows[name], cfg.batch_size, desc=name,
                                                 progress=cfg.progress)) for name in todo)
-    layer_bits = layer_bits_table(cfg.plan, model_depth(source, cfg.trust_remote_code))  # per-layer plans only
+    # any plan whose settings vary by layer (a map, or a plan class of its own): its table, recorded
+    layer_bits = layer_bits_table(cfg.plan, depth if depth is not None else model_depth(source, cfg.trust_remote_code))
     if layer_bits:
         record["layer_bits"] = layer_bits
     for name, res in evaluated:

@@ -172,9 +172,9 @@ def _read_outside(sk: _Skeleton, ckpt: SafetensorsCheckpoint, dtype: torch.dtype
     model, blocks = sk.model, sk.blocks
     config = model.config
     tied = getattr(config, "tie_word_embeddings", False)
-    head_keys = (module_keys(model, model.get_output_embeddings()) if not tied and not head else set()) | \
+    skipped = (module_keys(model, model.get_output_embeddings()) if not tied and not head else set()) | \
         (module_keys(model, model.get_input_embeddings()) if not tied and not embeddings else set())
-    outside = [k for k in model.state_dict() if not k.startswith(_block_prefixes(sk)) and k not in head_keys]
+    outside = [k for k in model.state_dict() if not k.startswith(_block_prefixes(sk)) and k not in skipped]
     model.load_state_dict(ckpt.read([k for k in outside if k in ckpt.entries], dtype), strict=False, assign=True)
     if tied:
         model.tie_weights()
@@ -184,12 +184,12 @@ def _read_outside(sk: _Skeleton, ckpt: SafetensorsCheckpoint, dtype: torch.dtype
         if meta_buffers:  # non-persistent buffers (rotary inv_freq, Gemma's embedding scale)
             _init_buffers(model, module, meta_buffers, ckpt.what)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
-            if t.is_meta and not n.startswith(_block_prefixes(sk)) and n not in head_keys]
+            if t.is_meta and not n.startswith(_block_prefixes(sk)) and n not in skipped]
     if left:
         raise ValueError(f"{ckpt.what}: the checkpoint in {ckpt.dir} lacks {', '.join(left[:3])}")
 
 
-def _init_buffers(model: nn.Module, module: nn.Module, names: list[str], what: str = "--layer_wise") -> None:
+def _init_buffers(model: nn.Module, module: nn.Module, names: list[str], what: str) -> None:
     """Compute a module's non-persistent buffers as transformers does after loading from meta: real
     placeholders (NaN), then the model's `_init_weights`, which skips every tensor flagged
     `_is_hf_initialized` (here: the module's loaded parameters and buffers). A buffer it leaves

@@ -64,10 +64,11 @@ def awq_block(block: nn.Module, prefix: str, index: int, inputs: BlockInputs, pl
     if not any(a.enabled for a in w_args.values()):
         return run_block(block, inputs, device)
     feats = collect_features(block, inputs, device, lin_names, [attn, mlp], linear_outputs=search_dtype is not None)
+    norm_offset = arch_of(block).norm_offset
     for g in groups:
         found = search_scale(block, g, feats, w_args, n_grid, search_dtype, a_args)
         fold_scales(block.get_submodule(g.prev), [block.get_submodule(n) for n in g.layers], found.scales,
-                    arch_of(block).norm_offset)
+                    norm_offset)
         feats.divide_inputs(g.layers, found.scales)
         out["scale"][f"{prefix}.{g.prev}"] = {"layers": [f"{prefix}.{n}" for n in g.layers], "scales": found.scales,
                                               "alpha": found.alpha}
